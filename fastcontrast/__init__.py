@@ -1,0 +1,30 @@
+"""fastcontrast: fused contrastive vision-language losses (CLIP InfoNCE, oblique multi-token, MM-TS
+per-sample temperature and margin, CODIS codebook) with a pure-PyTorch reference behind every kernel."""
+from .dispatch import BACKENDS, BackendUnavailableError, available_backends
+from .functional import (
+    adaptive_temperature_clip_loss,
+    clip_loss,
+    codebook_loss,
+    cosine_schedule,
+    density_temperature,
+    max_margin_loss,
+    oblique_clip_loss,
+    sinkhorn,
+)
+from .modules import (
+    AdaptiveTemperatureClipLoss,
+    ClipLoss,
+    CodebookLoss,
+    EMATeacher,
+    MaxMarginLoss,
+    ObliqueClipLoss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "clip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
+    "sinkhorn", "codebook_loss", "cosine_schedule",
+    "ClipLoss", "ObliqueClipLoss", "AdaptiveTemperatureClipLoss", "MaxMarginLoss", "CodebookLoss", "EMATeacher",
+    "BACKENDS", "BackendUnavailableError", "available_backends",
+]

@@ -1,0 +1,147 @@
+"""Input checks shared by every public function.
+
+Each check raises ``TypeError`` (wrong type / dtype) or ``ValueError`` (wrong shape, empty, out of range,
+non-finite) with a message that names the argument and says what was expected, so a bad call fails at the
+API boundary instead of deep inside a kernel.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compiling() -> bool:
+    # Data-dependent checks (.item()) would graph-break under torch.compile; shape/dtype checks still run.
+    return torch.compiler.is_compiling()
+
+
+def check_features(name: str, t, ndim: int | Sequence[int]) -> None:
+    """A float tensor of the given rank with a non-empty batch dimension and a non-empty feature dimension."""
+    ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(t.shape)}); at least one sample is needed")
+    if t.numel() == 0:
+        raise ValueError(f"{name} has an empty feature dimension (shape {tuple(t.shape)})")
+
+
+def check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, same_batch: bool = False) -> None:
+    """Two feature tensors that can meet in one similarity: same device, dtype and trailing shape."""
+    if a.device != b.device:
+        raise ValueError(f"{a_name} is on {a.device} but {b_name} is on {b.device}; both must be on one device")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{a_name} is {a.dtype} but {b_name} is {b.dtype}; both must have one dtype")
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"{a_name} has per-sample shape {tuple(a.shape[1:])} but {b_name} has {tuple(b.shape[1:])}; they must match"
+        )
+    if same_batch and a.shape[0] != b.shape[0]:
+        raise ValueError(f"{a_name} has batch {a.shape[0]} but {b_name} has batch {b.shape[0]}; they must match")
+
+
+def check_finite(**tensors: Optional[torch.Tensor]) -> None:
+    """Reject NaN/inf in any of the named tensors (one host sync for all of them)."""
+    named = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not named or _compiling():
+        return
+    flags = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()
+    for (k, v), ok in zip(named, flags.tolist()):
+        if not ok:
+            raise ValueError(f"{k} contains non-finite values (NaN or inf)")
+
+
+def as_scalar_tensor(name: str, value, like: torch.Tensor, positive: bool = True) -> torch.Tensor:
+    """A Python number or a one-element tensor, returned as a 0-d tensor on ``like``'s device.
+
+    Tensors keep their autograd graph (a learnable logit scale gets its gradient).
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+        t = value.reshape(())
+    else:
+        t = torch.tensor(float(value), device=like.device, dtype=torch.float32 if like.dtype != torch.float64 else like.dtype)
+    if not _compiling():
+        v = float(t.detach())
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {v}")
+        if positive and v <= 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    return t
+
+
+def check_vector(name: str, t, length: int, like: torch.Tensor, positive: bool = True) -> torch.Tensor:
+    """A float vector of the given length on ``like``'s device (per-sample temperatures, scales)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({length},), got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {like.device}")
+    if not _compiling():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        if positive and not bool((t > 0).all()):
+            raise ValueError(f"{name} must be > 0 everywhere")
+    return t
+
+
+def check_labels(labels, n_rows: int, n_cols: int, like: torch.Tensor) -> torch.Tensor:
+    """Positive column per row. Defaults to the diagonal, which needs n_rows == n_cols."""
+    if labels is None:
+        if n_rows != n_cols:
+            raise ValueError(
+                f"labels are required when the two batches differ in size ({n_rows} image vs {n_cols} text rows): "
+                "pass labels of shape (N_image,) giving each image's positive text index"
+            )
+        return torch.arange(n_rows, device=like.device)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of dtype int64, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape != (n_rows,):
+        raise ValueError(f"labels must have shape ({n_rows},), got {tuple(labels.shape)}")
+    if labels.device != like.device:
+        raise ValueError(f"labels are on {labels.device} but the features are on {like.device}")
+    if not _compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n_cols:
+            raise ValueError(f"labels must lie in [0, {n_cols}), got values in [{lo}, {hi}]")
+    return labels.long()
+
+
+def check_positive_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def check_positive_float(name: str, v, allow_zero: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    return v

@@ -1,0 +1,248 @@
+"""Public functional losses. Each validates its inputs, then hands the work to the backend the dispatcher picks.
+
+Shapes: N image rows, M text rows, D features (K tokens of d for the oblique loss). Every function takes
+``backend="auto" | "triton" | "cuda" | "cpu" | "reference"``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import _validation as V
+from . import ops  # noqa: F401  (registers implementations)
+from .dispatch import resolve
+from .ops.adaptive.reference import cosine_schedule, density_to_temperature
+from .ops.codebook.reference import teacher_scores
+
+Scalar = Union[float, torch.Tensor]
+
+
+def _bias(logit_bias, like):
+    if logit_bias is None:
+        return None
+    return V.as_scalar_tensor("logit_bias", logit_bias, like, positive=False)
+
+
+def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend):
+    _, impl = resolve("infonce", backend, x.device)
+    return impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens)
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scalar,
+    logit_bias: Optional[Scalar] = None,
+    labels: Optional[torch.Tensor] = None,
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: ½[CE(s·XYᵀ + b, p) + CE(s·YXᵀ + b, p⁻¹)].
+
+    image_features (N, D), text_features (M, D); logit_scale s is the multiplier (open_clip passes
+    ``logit_scale.exp()``); labels (N,) give each image's positive text (default: the diagonal, N == M).
+    ``normalize=True`` L2-normalises the features inside, gradient included. Returns a 0-d float32 loss.
+    """
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+    n, m = image_features.shape[0], text_features.shape[0]
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
+    bias = _bias(logit_bias, image_features)
+    labels = V.check_labels(labels, n, m, image_features)
+    V.check_finite(image_features=image_features, text_features=text_features)
+    return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1, backend)
+
+
+def oblique_clip_loss(
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    logit_scale: Scalar = 1.0,
+    logit_bias: Optional[Scalar] = None,
+    labels: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """InfoNCE on the oblique-manifold similarity S_ij = Σ_k ⟨x̂_ik, ŷ_jk⟩ ∈ [−K, K] (Sun).
+
+    image_tokens (N, K, d), text_tokens (M, K, d); each of the K tokens is normalised on its own sphere.
+    The range of S grows with K, so a fixed ``logit_scale`` of 1 is the paper's setting; a tensor is learnable.
+    """
+    V.check_features("image_tokens", image_tokens, 3)
+    V.check_features("text_tokens", text_tokens, 3)
+    V.check_pair("image_tokens", image_tokens, "text_tokens", text_tokens)
+    n, k, d = image_tokens.shape
+    m = text_tokens.shape[0]
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_tokens)
+    bias = _bias(logit_bias, image_tokens)
+    labels = V.check_labels(labels, n, m, image_tokens)
+    V.check_finite(image_tokens=image_tokens, text_tokens=text_tokens)
+    # Flattening is a view; per-token normalisation happens inside the op (tokens=K).
+    return _infonce(
+        image_tokens.reshape(n, k * d), text_tokens.reshape(m, k * d), scale.expand(n), scale.expand(m),
+        bias, labels, True, k, backend,
+    )
+
+
+def _temperature(name, tau, length, like):
+    if isinstance(tau, torch.Tensor) and tau.dim() == 1 and tau.numel() == length and length > 1:
+        return V.check_vector(name, tau, length, like)
+    if isinstance(tau, torch.Tensor) and tau.dim() == 1 and tau.numel() != 1:
+        raise ValueError(f"{name} must be a scalar or have shape ({length},), got {tuple(tau.shape)}")
+    return V.as_scalar_tensor(name, tau, like).expand(length)
+
+
+def adaptive_temperature_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    tau_image: Scalar,
+    tau_text: Optional[Scalar] = None,
+    labels: Optional[torch.Tensor] = None,
+    logit_bias: Optional[Scalar] = None,
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """InfoNCE with a temperature per sample (MM-TS): row i uses ⟨x_i,y_j⟩/τ_i, column j uses ⟨x_i,y_j⟩/τ'_j.
+
+    tau_image: scalar or (N,); tau_text: scalar or (M,) (default: tau_image when it is a scalar, else the image
+    temperature of each text's positive is not defined, so it is required). Tensors that require grad get dτ.
+    """
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+    n, m = image_features.shape[0], text_features.shape[0]
+    if tau_text is None:
+        if isinstance(tau_image, torch.Tensor) and tau_image.numel() > 1:
+            raise ValueError("tau_text is required when tau_image is per-sample (shape (N,)); pass shape (M,)")
+        tau_text = tau_image
+    t_img = _temperature("tau_image", tau_image, n, image_features)
+    t_txt = _temperature("tau_text", tau_text, m, image_features)
+    bias = _bias(logit_bias, image_features)
+    labels = V.check_labels(labels, n, m, image_features)
+    V.check_finite(image_features=image_features, text_features=text_features)
+    return _infonce(image_features, text_features, 1.0 / t_img, 1.0 / t_txt, bias, labels, normalize, 1, backend)
+
+
+def max_margin_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    margin: float = 0.2,
+    labels: Optional[torch.Tensor] = None,
+    hardest: bool = False,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Bidirectional hinge Σ_j [m − S_{i,p(i)} + S_ij]_+ (+ its text→image twin), mean over positive pairs.
+
+    ``hardest=True`` keeps only the hardest negative per direction (VSE++). ``margin`` may come from
+    :func:`cosine_schedule`.
+    """
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+    margin = V.check_positive_float("margin", float(margin) if isinstance(margin, torch.Tensor) else margin,
+                                    allow_zero=True)
+    labels = V.check_labels(labels, image_features.shape[0], text_features.shape[0], image_features)
+    V.check_finite(image_features=image_features, text_features=text_features)
+    _, impl = resolve("max_margin", backend, image_features.device)
+    return impl(image_features, text_features, margin, labels, bool(hardest), bool(normalize))
+
+
+def density_temperature(
+    features: torch.Tensor,
+    tau: float,
+    tau_min: float,
+    tau_max: float,
+    k: int = 8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sample temperature from local density (MM-TS): dense samples get a higher τ, sparse ones a lower τ.
+
+    density_i = mean cosine similarity to the k nearest neighbours in the batch (same modality); mapped
+    monotonically into [tau_min, tau_max] with the batch-mean density at ``tau`` (e.g. a scheduled τ(t)).
+    features (N, D) -> (N,) without gradient.
+    """
+    V.check_features("features", features, 2)
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"features needs at least 2 samples to define neighbours, got {n}")
+    k = V.check_positive_int("k", k)
+    if k > n - 1:
+        raise ValueError(f"k must be at most N - 1 = {n - 1} (neighbours exclude the sample itself), got {k}")
+    tau_min, tau, tau_max = (V.check_positive_float(nm, v) for nm, v in
+                             (("tau_min", tau_min), ("tau", tau), ("tau_max", tau_max)))
+    if not tau_min <= tau <= tau_max:
+        raise ValueError(f"need tau_min <= tau <= tau_max, got {tau_min}, {tau}, {tau_max}")
+    V.check_finite(features=features)
+    _, impl = resolve("density", backend, features.device)
+    with torch.no_grad():
+        return density_to_temperature(impl(features, k), tau, tau_min, tau_max).to(
+            features.dtype if features.dtype == torch.float64 else torch.float32)
+
+
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, backend: str = "auto") -> torch.Tensor:
+    """Sinkhorn–Knopp in log space: scores (N, K) -> Q (N, K), rows sum to 1, columns to N/K. No gradient."""
+    V.check_features("scores", scores, 2)
+    epsilon = V.check_positive_float("epsilon", epsilon)
+    n_iters = V.check_positive_int("n_iters", n_iters)
+    V.check_finite(scores=scores)
+    _, impl = resolve("sinkhorn", backend, scores.device)
+    return impl(scores.detach(), epsilon, n_iters)
+
+
+def codebook_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    teacher_image_features: torch.Tensor,
+    teacher_text_features: torch.Tensor,
+    codebook: torch.Tensor,
+    tau: float = 0.1,
+    epsilon: float = 0.05,
+    n_iters: int = 3,
+    normalize_features: bool = True,
+    normalize_codes: bool = True,
+    return_stats: bool = False,
+    backend: str = "auto",
+):
+    """CODIS swapped prediction: −Σ_k Q_txt(k) log P_img(k) − Σ_k Q_img(k) log P_txt(k), mean over the batch.
+
+    Student features (N, D) give P = softmax(⟨z, c_k⟩/τ) over the codebook (K, D); teacher features (N, D) give
+    Sinkhorn targets Q without gradient. ``return_stats`` also returns code usage and the dead-code count.
+    """
+    names = ("image_features", "text_features", "teacher_image_features", "teacher_text_features")
+    feats = (image_features, text_features, teacher_image_features, teacher_text_features)
+    for nm, f in zip(names, feats):
+        V.check_features(nm, f, 2)
+    for nm, f in zip(names[1:], feats[1:]):
+        V.check_pair("image_features", image_features, nm, f, same_batch=True)
+    V.check_features("codebook", codebook, 2)
+    if codebook.shape[1] != image_features.shape[1]:
+        raise ValueError(f"codebook must have shape (K, {image_features.shape[1]}), got {tuple(codebook.shape)}")
+    if codebook.device != image_features.device:
+        raise ValueError(f"codebook is on {codebook.device} but the features are on {image_features.device}")
+    tau = V.check_positive_float("tau", tau)
+    epsilon = V.check_positive_float("epsilon", epsilon)
+    n_iters = V.check_positive_int("n_iters", n_iters)
+    V.check_finite(**dict(zip(names, feats)), codebook=codebook)
+    dev = image_features.device
+    _, sk = resolve("sinkhorn", backend, dev)
+    _, ce = resolve("swapped_prediction", backend, dev)
+    nf, nc = bool(normalize_features), bool(normalize_codes)
+    q_img = sk(teacher_scores(teacher_image_features, codebook, nf, nc), epsilon, n_iters)
+    q_txt = sk(teacher_scores(teacher_text_features, codebook, nf, nc), epsilon, n_iters)
+    loss = ce(image_features, q_txt, codebook, tau, nf, nc) + ce(text_features, q_img, codebook, tau, nf, nc)
+    if not return_stats:
+        return loss
+    usage = torch.bincount(torch.cat([q_img.argmax(1), q_txt.argmax(1)]), minlength=codebook.shape[0])
+    return loss, {"code_usage": usage, "dead_codes": int((usage == 0).sum()), "perplexity": _perplexity(usage)}
+
+
+def _perplexity(usage: torch.Tensor) -> float:
+    p = usage.double() / usage.sum().clamp(min=1)
+    return float(torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()))
+
+
+__all__ = [
+    "clip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
+    "sinkhorn", "codebook_loss", "cosine_schedule",
+]

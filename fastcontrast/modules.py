@@ -1,0 +1,142 @@
+"""``nn.Module`` wrappers: one per loss family; ``ClipLoss`` matches open_clip's constructor and ``forward``."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+
+from . import functional as Fn
+from .ops.codebook.reference import EMATeacher  # noqa: F401  (re-exported)
+
+
+class ClipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.ClipLoss``: same constructor, same ``forward``, fused backends underneath.
+
+    ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None, output_dict=False)``
+    where ``logit_scale`` is the multiplier (open_clip's model returns ``logit_scale.exp()``).
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        backend: str = "auto",
+        normalize: bool = False,
+    ):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod: horovod is not supported; fastcontrast uses torch.distributed")
+        if world_size != 1:
+            raise NotImplementedError(
+                "world_size > 1: distributed ClipLoss is not implemented yet in this version; "
+                "gather features yourself and call with world_size=1"
+            )
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.rank, self.world_size = rank, world_size
+        self.backend, self.normalize = backend, normalize
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        # Pair i <-> i, as open_clip. cache_labels is accepted for signature compatibility: the diagonal is
+        # implicit in the fused ops, so there is nothing to cache.
+        if isinstance(image_features, torch.Tensor) and isinstance(text_features, torch.Tensor) \
+                and image_features.dim() >= 1 and text_features.dim() >= 1 \
+                and text_features.shape[0] != image_features.shape[0]:
+            raise ValueError(
+                f"ClipLoss pairs image i with text i: batches must match, got {image_features.shape[0]} "
+                f"images and {text_features.shape[0]} texts (use fastcontrast.clip_loss with labels instead)"
+            )
+        loss = Fn.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                            normalize=self.normalize, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class ObliqueClipLoss(nn.Module):
+    """InfoNCE on the oblique multi-token similarity; ``forward(image_tokens (N,K,d), text_tokens (N,K,d))``.
+
+    With ``learn_scale=True`` the logit scale is a parameter (stored as its log); otherwise fixed at
+    ``logit_scale`` (1.0: the topology provides the range, as in Sun's paper).
+    """
+
+    def __init__(self, logit_scale: float = 1.0, learn_scale: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        if learn_scale:
+            self.log_scale = nn.Parameter(torch.tensor(float(logit_scale)).log())
+        else:
+            self.register_buffer("log_scale", torch.tensor(float(logit_scale)).log())
+
+    def forward(self, image_tokens, text_tokens, labels=None, output_dict: bool = False):
+        loss = Fn.oblique_clip_loss(image_tokens, text_tokens, self.log_scale.exp(), labels=labels,
+                                    backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class AdaptiveTemperatureClipLoss(nn.Module):
+    """MM-TS: InfoNCE with a cosine-scheduled temperature, optionally made per-sample from local density.
+
+    ``forward(image_features, text_features, step)``; τ(step) follows :func:`cosine_schedule` between
+    ``tau_min`` and ``tau_max`` over ``period`` steps. With ``per_sample=True`` each side's τ_i comes from
+    :func:`density_temperature` around τ(step) (a statistic: no gradient).
+    """
+
+    def __init__(self, tau_min=0.01, tau_max=0.1, period=10000, per_sample=True, k=8, normalize=True,
+                 backend="auto"):
+        super().__init__()
+        if not 0 < tau_min <= tau_max:
+            raise ValueError(f"need 0 < tau_min <= tau_max, got {tau_min}, {tau_max}")
+        self.tau_min, self.tau_max, self.period = float(tau_min), float(tau_max), int(period)
+        self.per_sample, self.k, self.normalize, self.backend = per_sample, int(k), normalize, backend
+
+    def temperatures(self, image_features, text_features, step):
+        tau = Fn.cosine_schedule(float(step), self.period, self.tau_min, self.tau_max)
+        if not self.per_sample:
+            return tau, tau
+        k_i = min(self.k, image_features.shape[0] - 1)
+        k_t = min(self.k, text_features.shape[0] - 1)
+        t_img = Fn.density_temperature(image_features, tau, self.tau_min, self.tau_max, k=k_i, backend=self.backend)
+        t_txt = Fn.density_temperature(text_features, tau, self.tau_min, self.tau_max, k=k_t, backend=self.backend)
+        return t_img, t_txt
+
+    def forward(self, image_features, text_features, step=0, labels=None, output_dict: bool = False):
+        t_img, t_txt = self.temperatures(image_features, text_features, step)
+        loss = Fn.adaptive_temperature_clip_loss(image_features, text_features, t_img, t_txt, labels=labels,
+                                                 normalize=self.normalize, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class MaxMarginLoss(nn.Module):
+    """MM-TS max-margin variant: hinge with a margin scheduled between ``margin_min`` and ``margin_max``."""
+
+    def __init__(self, margin_min=0.1, margin_max=0.3, period=10000, hardest=False, normalize=True, backend="auto"):
+        super().__init__()
+        self.margin_min, self.margin_max, self.period = float(margin_min), float(margin_max), int(period)
+        self.hardest, self.normalize, self.backend = hardest, normalize, backend
+
+    def forward(self, image_features, text_features, step=0, labels=None, output_dict: bool = False):
+        m = Fn.cosine_schedule(float(step), self.period, self.margin_min, self.margin_max)
+        loss = Fn.max_margin_loss(image_features, text_features, m, labels=labels, hardest=self.hardest,
+                                  normalize=self.normalize, backend=self.backend)
+        return {"margin_loss": loss} if output_dict else loss
+
+
+class CodebookLoss(nn.Module):
+    """CODIS: a learnable codebook (K, D) and the swapped-prediction loss against Sinkhorn teacher targets."""
+
+    def __init__(self, num_codes: int, dim: int, tau=0.1, epsilon=0.05, n_iters=3, normalize_features=True,
+                 normalize_codes=True, backend="auto"):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.nn.functional.normalize(torch.randn(num_codes, dim), dim=-1))
+        self.tau, self.epsilon, self.n_iters = tau, epsilon, n_iters
+        self.normalize_features, self.normalize_codes, self.backend = normalize_features, normalize_codes, backend
+
+    def forward(self, image_features, text_features, teacher_image_features, teacher_text_features,
+                return_stats: bool = False):
+        return Fn.codebook_loss(
+            image_features, text_features, teacher_image_features, teacher_text_features,
+            self.codebook.to(image_features.dtype), self.tau, self.epsilon, self.n_iters,
+            self.normalize_features, self.normalize_codes, return_stats=return_stats, backend=self.backend,
+        )

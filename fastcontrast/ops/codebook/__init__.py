@@ -1,0 +1,5 @@
+from ...dispatch import register
+from .reference import sinkhorn_reference, swapped_prediction_reference
+
+register("sinkhorn", "reference")(sinkhorn_reference)
+register("swapped_prediction", "reference")(swapped_prediction_reference)

@@ -1,0 +1,166 @@
+"""Numerics check of every available backend against the float64 reference, on fresh random inputs.
+
+``python -m fastcontrast validate`` prints: op, backend, dtype, forward and backward max relative error, pass/fail.
+The cases here are also what the test-suite's shared comparison helper uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import functional as Fn
+from .dispatch import BACKENDS, unavailable_reason
+
+# Relative-error tolerances by working dtype (fp32 kernels may use tf32 dots on GPU: 1e-3 there).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    op: str  # the dispatcher's op name: decides which backends apply
+    make: Callable[[torch.Generator, torch.device, torch.dtype], Dict[str, torch.Tensor]]
+    run: Callable[..., torch.Tensor]
+    differentiable: bool = True
+
+
+def _randn(g, shape, device, dtype, scale=1.0):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _clip_inputs(n, m, d):
+    def make(g, dev, dt):
+        return {
+            "image_features": _randn(g, (n, d), dev, dt),
+            "text_features": _randn(g, (m, d), dev, dt),
+            "logit_scale": torch.tensor(7.5, dtype=torch.float32 if dt != torch.float64 else dt, device=dev),
+            "labels": torch.randint(0, m, (n,), generator=g).to(dev) if n != m else None,
+        }
+    return make
+
+
+def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Case]:
+    """Ragged sizes on purpose: N, M not multiples of any tile, N != M."""
+    dtok = max(d // k, 2)
+
+    def oblique_make(g, dev, dt):
+        return {
+            "image_tokens": _randn(g, (n, k, dtok), dev, dt),
+            "text_tokens": _randn(g, (n, k, dtok), dev, dt),
+            "logit_scale": torch.tensor(4.0, dtype=torch.float32 if dt != torch.float64 else dt, device=dev),
+        }
+
+    def adaptive_make(g, dev, dt):
+        inp = _clip_inputs(n, m, d)(g, dev, dt)
+        f = torch.float32 if dt != torch.float64 else dt
+        inp.pop("logit_scale")
+        inp["tau_image"] = (0.05 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64)).to(dev, f)
+        inp["tau_text"] = (0.05 + 0.1 * torch.rand(m, generator=g, dtype=torch.float64)).to(dev, f)
+        return inp
+
+    def margin_make(g, dev, dt):
+        inp = _clip_inputs(n, m, d)(g, dev, dt)
+        inp.pop("logit_scale")
+        return inp
+
+    def codebook_make(g, dev, dt):
+        return {
+            "image_features": _randn(g, (n, d), dev, dt), "text_features": _randn(g, (n, d), dev, dt),
+            "teacher_image_features": _randn(g, (n, d), dev, dt), "teacher_text_features": _randn(g, (n, d), dev, dt),
+            "codebook": _randn(g, (11, d), dev, dt),
+        }
+
+    return [
+        Case("clip_loss", "infonce", _clip_inputs(n, m, d),
+             lambda backend, **kw: Fn.clip_loss(**kw, logit_bias=-1.5, normalize=False, backend=backend)),
+        Case("clip_loss(normalize)", "infonce", _clip_inputs(n, m, d),
+             lambda backend, **kw: Fn.clip_loss(**kw, normalize=True, backend=backend)),
+        Case("oblique_clip_loss", "infonce", oblique_make,
+             lambda backend, **kw: Fn.oblique_clip_loss(**kw, backend=backend)),
+        Case("adaptive_temperature", "infonce", adaptive_make,
+             lambda backend, **kw: Fn.adaptive_temperature_clip_loss(**kw, normalize=True, backend=backend)),
+        Case("max_margin(sum)", "max_margin", margin_make,
+             lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, backend=backend)),
+        Case("max_margin(hardest)", "max_margin", margin_make,
+             lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=True, backend=backend)),
+        Case("codebook_loss", "swapped_prediction", codebook_make,
+             lambda backend, **kw: Fn.codebook_loss(**kw, tau=0.2, epsilon=0.1, n_iters=5, backend=backend)),
+    ]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64; NaN/inf anywhere gives inf (NaN never passes)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def compare(case: Case, backend: str, dtype: torch.dtype, device: torch.device, seed: int):
+    """Run ``case`` on ``backend`` in ``dtype`` and the reference in float64 on the same inputs.
+
+    Returns (forward rel err, max backward rel err over differentiable inputs, names of grads compared).
+    """
+    g = torch.Generator().manual_seed(seed)
+    inputs = case.make(g, device, dtype)
+    leaves = {k: v.detach().clone().requires_grad_(case.differentiable and v.is_floating_point())
+              for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    ref_leaves = {k: v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v
+                  for k, v in leaves.items()}
+    kw = {k: leaves.get(k, v) for k, v in inputs.items()}
+    rkw = {k: ref_leaves.get(k, v) for k, v in inputs.items()}
+    out = case.run(backend, **kw)
+    ref = case.run("reference", **rkw)
+    fwd = rel_err(out, ref)
+    if not case.differentiable:
+        return fwd, 0.0, []
+    grad_names = [k for k, v in leaves.items() if v.requires_grad]
+    gs = torch.autograd.grad(out, [leaves[k] for k in grad_names], allow_unused=True)
+    rgs = torch.autograd.grad(ref, [ref_leaves[k] for k in grad_names], allow_unused=True)
+    bwd = 0.0
+    for name, a, b in zip(grad_names, gs, rgs):
+        if b is None:
+            continue
+        if a is None:
+            raise AssertionError(f"{case.name}/{backend}: no gradient for {name}")
+        bwd = max(bwd, rel_err(a, b))
+    return fwd, bwd, grad_names
+
+
+def run_validation(devices=None, dtypes=None, seeds=(0, 1, 2), cases: Optional[List[Case]] = None, out=print):
+    devices = devices or (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+    dtypes = dtypes or [torch.float32, torch.bfloat16]
+    cases = cases or default_cases()
+    rows, ok_all = [], True
+    for dev in map(torch.device, devices):
+        for case in cases:
+            for backend in BACKENDS:
+                if unavailable_reason(case.op, backend, dev) is not None:
+                    continue
+                for dt in dtypes:
+                    tol = TOL[dt]
+                    fwd = bwd = 0.0
+                    err = None
+                    try:
+                        for s in seeds:
+                            f, b, _ = compare(case, backend, dt, dev, s)
+                            fwd, bwd = max(fwd, f), max(bwd, b)
+                    except Exception as e:  # noqa: BLE001 - reported as a failing row
+                        err = f"{type(e).__name__}: {e}"
+                    ok = err is None and fwd <= tol and bwd <= tol
+                    ok_all &= ok
+                    rows.append((case.name, backend, str(dev), str(dt).replace("torch.", ""),
+                                 f"{fwd:.2e}", f"{bwd:.2e}", f"{tol:.0e}", "pass" if ok else f"FAIL {err or ''}"))
+    header = ("op", "backend", "device", "dtype", "fwd rel err", "bwd rel err", "tol", "result")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    out(line(header))
+    out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        out(line(r))
+    out(f"\n{'all passed' if ok_all else 'SOME FAILED'}: {len(rows)} rows, seeds {list(seeds)}, "
+        "errors are ‖out − ref‖/‖ref‖ against the float64 reference on the same inputs")
+    return ok_all, rows
