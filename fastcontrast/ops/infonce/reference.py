@@ -70,7 +70,8 @@ def infonce_reference(
 def clip_loss_reference(image_features, text_features, logit_scale, logit_bias=None, labels=None, normalize=False):
     """CLIP's loss: ½[CE(s·XYᵀ + b, labels) + CE(s·YXᵀ + b, labels)] (open_clip's ClipLoss for the diagonal)."""
     n, m = image_features.shape[0], text_features.shape[0]
-    s = torch.as_tensor(logit_scale, device=image_features.device)
+    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    s = torch.as_tensor(logit_scale, device=image_features.device, dtype=acc)
     return infonce_reference(
         image_features, text_features, s.expand(n), s.expand(m), logit_bias, labels, normalize
     )

@@ -18,7 +18,7 @@ def oblique_clip_loss_reference(x, y, logit_scale, logit_bias=None, labels=None)
     n, m = x.shape[0], y.shape[0]
     s_ij = oblique_similarity_reference(x, y)
     # Written out here (not via the flattened trick the fast paths use) so the two routes check each other.
-    scale = torch.as_tensor(logit_scale, device=x.device)
+    scale = torch.as_tensor(logit_scale, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     logits = scale * s_ij
     if logit_bias is not None:
         logits = logits + logit_bias
@@ -33,7 +33,7 @@ def oblique_clip_loss_reference(x, y, logit_scale, logit_bias=None, labels=None)
 def oblique_flat_reference(x, y, logit_scale, logit_bias=None, labels=None):
     """Same loss through the flattened form used by fast paths: per-token normalise, flatten, plain InfoNCE."""
     n, k, d = x.shape
-    s = torch.as_tensor(logit_scale, device=x.device)
+    s = torch.as_tensor(logit_scale, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return infonce_reference(
         x.reshape(n, k * d), y.reshape(y.shape[0], k * d), s.expand(n), s.expand(y.shape[0]),
         logit_bias, labels, normalize=True, tokens=k,

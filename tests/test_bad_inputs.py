@@ -1,0 +1,103 @@
+"""Every public function rejects bad input at the boundary with an error naming the argument."""
+import pytest
+import torch
+
+import fastcontrast as fc
+from fastcontrast import BackendUnavailableError
+
+X = torch.randn(4, 8)
+Y = torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(image_features=torch.randn(4, 2, 8)), ValueError, "image_features must be 2-D"),
+    (dict(text_features=torch.randn(4, 7)), ValueError, "per-sample shape"),
+    (dict(image_features=torch.randint(0, 3, (4, 8))), TypeError, "image_features must be a floating"),
+    (dict(text_features=Y.double()), TypeError, "one dtype"),
+    (dict(image_features=torch.randn(0, 8)), ValueError, "empty batch"),
+    (dict(image_features=torch.randn(4, 0)), ValueError, "empty feature"),
+    (dict(logit_scale=float("nan")), ValueError, "logit_scale must be finite"),
+    (dict(logit_scale=torch.tensor(float("inf"))), ValueError, "logit_scale must be finite"),
+    (dict(logit_scale=-1.0), ValueError, "logit_scale must be > 0"),
+    (dict(logit_scale=torch.ones(2)), ValueError, "logit_scale must have exactly one element"),
+    (dict(logit_scale="10"), TypeError, "logit_scale must be a float"),
+    (dict(logit_bias=float("inf")), ValueError, "logit_bias must be finite"),
+    (dict(image_features=torch.full((4, 8), float("nan"))), ValueError, "image_features contains non-finite"),
+    (dict(text_features=torch.randn(5, 8)), ValueError, "labels are required"),
+    (dict(labels=torch.tensor([0, 1, 2, 4])), ValueError, r"labels must lie in \[0, 4\)"),
+    (dict(labels=torch.tensor([0.0, 1, 2, 3])), TypeError, "labels must be an integer"),
+    (dict(labels=torch.tensor([0, 1, 2])), ValueError, r"labels must have shape \(4,\)"),
+    (dict(backend="tpu"), ValueError, "unknown backend"),
+    (dict(image_features=[[1.0]]), TypeError, "image_features must be a torch.Tensor"),
+])
+def test_clip_loss_bad_inputs(kwargs, exc, match):
+    args = dict(image_features=X, text_features=Y, logit_scale=10.0)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fc.clip_loss(**args)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(BackendUnavailableError, match="cuda.*needs CUDA tensors"):
+        fc.clip_loss(X, Y, 10.0, backend="cuda")
+    if not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            with pytest.raises(BackendUnavailableError, match="triton"):
+                fc.clip_loss(X, Y, 10.0, backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="one device"):
+        fc.clip_loss(X, Y.cuda(), 10.0)
+
+
+def test_device_mismatch_meta():
+    # a meta tensor stands in for "another device" on CPU-only machines
+    with pytest.raises(ValueError, match="one device"):
+        fc.clip_loss(X, torch.empty(4, 8, device="meta"), 10.0)
+
+
+def test_oblique_bad_inputs():
+    with pytest.raises(ValueError, match="image_tokens must be 3-D"):
+        fc.oblique_clip_loss(X, Y)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        fc.oblique_clip_loss(torch.randn(4, 2, 4), torch.randn(4, 3, 4))
+
+
+def test_adaptive_bad_inputs():
+    with pytest.raises(ValueError, match="tau_image must be > 0"):
+        fc.adaptive_temperature_clip_loss(X, Y, torch.tensor([0.1, 0.1, 0.0, 0.1]), torch.full((4,), 0.1))
+    with pytest.raises(ValueError, match="tau_text is required"):
+        fc.adaptive_temperature_clip_loss(X, Y, torch.full((4,), 0.1))
+    with pytest.raises(ValueError, match=r"tau_text must be a scalar or have shape \(4,\)"):
+        fc.adaptive_temperature_clip_loss(X, Y, 0.1, torch.full((3,), 0.1))
+    with pytest.raises(ValueError, match="tau_image contains non-finite"):
+        fc.adaptive_temperature_clip_loss(X, Y, torch.tensor([0.1, float("nan"), 0.1, 0.1]), 0.1)
+
+
+def test_margin_density_sinkhorn_codebook_bad_inputs():
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        fc.max_margin_loss(X, Y, margin=-0.1)
+    with pytest.raises(ValueError, match="k must be at most"):
+        fc.density_temperature(X, 0.05, 0.01, 0.1, k=4)
+    with pytest.raises(ValueError, match="tau_min <= tau <= tau_max"):
+        fc.density_temperature(X, 0.5, 0.01, 0.1, k=2)
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        fc.sinkhorn(torch.randn(4, 3), epsilon=0.0)
+    with pytest.raises(TypeError, match="n_iters must be an int"):
+        fc.sinkhorn(torch.randn(4, 3), n_iters=2.5)
+    with pytest.raises(ValueError, match=r"codebook must have shape \(K, 8\)"):
+        fc.codebook_loss(X, Y, X, Y, torch.randn(5, 7))
+    with pytest.raises(ValueError, match="batch 4 but teacher_text_features has batch 3"):
+        fc.codebook_loss(X, Y, X, Y[:3], torch.randn(5, 8))
+    with pytest.raises(ValueError, match="codebook contains non-finite"):
+        fc.codebook_loss(X, Y, X, Y, torch.full((5, 8), float("inf")))
+
+
+def test_cliploss_module_mismatched_batch():
+    with pytest.raises(ValueError, match="batches must match"):
+        fc.ClipLoss()(X, torch.randn(5, 8), 10.0)
+    with pytest.raises(NotImplementedError, match="world_size > 1"):
+        fc.ClipLoss(world_size=2)
