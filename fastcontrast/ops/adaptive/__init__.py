@@ -4,4 +4,3 @@ from .reference import local_density_reference, max_margin_loss_reference
 register("max_margin", "reference")(max_margin_loss_reference)
 register("density", "reference")(local_density_reference)
 
-from . import triton_impl  # noqa: E402,F401

@@ -1,6 +1,6 @@
 from ...dispatch import register
-from .reference import infonce_reference, lse_pair_reference
+from .reference import infonce_reference
 
 register("infonce", "reference")(infonce_reference)
 
-from . import triton_impl  # noqa: E402,F401  registers "triton" when triton imports
+from . import function  # noqa: E402,F401  (custom op; registers "triton" when triton imports)

@@ -1,1 +1,0 @@
-"""Triton kernels (filled in by the Triton issue)."""

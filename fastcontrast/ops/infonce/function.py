@@ -1,0 +1,252 @@
+"""The fused pairwise log-sum-exp as a ``torch.library`` custom op with autograd, and the InfoNCE built on it.
+
+``fastcontrast::lse_pair(x, y, a, c, bias, normalize, tokens) -> (lse_row (N,), lse_col (M,))`` runs the Triton
+kernels where Triton can run (CUDA, or the CPU under TRITON_INTERPRET=1) and otherwise a blockwise PyTorch
+implementation of the same tiling (row blocks, online column statistics, recompute in backward): both keep
+O((N+M)·D) memory. Being a custom op with a fake (meta) implementation, it compiles under ``torch.compile``
+without a graph break.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...dispatch import register, triton_interpret
+from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
+
+# Rows per block of the PyTorch path: one block holds BLOCK×M floats (64 MiB at M = 64k).
+_TORCH_BLOCK_BYTES = 64 * 2**20
+
+
+def inv_token_norms(x: Tensor, tokens: int) -> Tensor:
+    """1 / max(‖x_ik‖, 1e-12) per token (F.normalize's convention), (N, K) in fp32 (fp64 for fp64 input)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, d = x.shape
+    return x.to(acc).reshape(n, tokens, d // tokens).norm(dim=-1).clamp_min(1e-12).reciprocal()
+
+
+def _apply_tokens(x: Tensor, inv: Tensor) -> Tensor:
+    n, d = x.shape
+    k = inv.shape[1]
+    return (x.to(inv.dtype).reshape(n, k, d // k) * inv[:, :, None]).reshape(n, d)
+
+
+def token_norm_backward(x: Tensor, inv: Tensor, dxh: Tensor) -> Tensor:
+    """Gradient through x̂ = x/‖x‖ per token: dx = (dx̂ − x̂⟨x̂, dx̂⟩)/‖x‖."""
+    n, d = x.shape
+    k = inv.shape[1]
+    xh = (x.to(inv.dtype).reshape(n, k, d // k) * inv[:, :, None])
+    g = dxh.to(inv.dtype).reshape(n, k, d // k)
+    return ((g - xh * (xh * g).sum(-1, keepdim=True)) * inv[:, :, None]).reshape(n, d)
+
+
+def _triton_ok(t: Tensor) -> bool:
+    return _TRITON_IMPORT_ERROR is None and t.dtype != torch.float64 and (
+        t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret()))
+
+
+# ----------------------------------------------------------------------------------------------- Triton launch
+def _config(d: int, dtype: torch.dtype, device: torch.device):
+    if device.type != "cuda":  # interpreter: small tiles so tests cover ragged tails and several D-chunks
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=32, num_warps=4, num_stages=1)
+    big = dtype != torch.float32
+    return dict(BLOCK_M=128 if big else 64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=min(256, max(64, 1 << (d - 1).bit_length())),
+                num_warps=8, num_stages=3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"  # match torch's fp32 matmul numerics unless the user opted into tf32
+    return "tf32"
+
+
+def _upcast(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16  # interpreter work-around, see _dot
+
+
+def _triton_fwd(x, y, a, c, bias, normalize, tokens):
+    from . import triton_kernels as K
+
+    n, d = x.shape
+    m = y.shape[0]
+    x, y = x.contiguous(), y.contiguous()
+    inv_x = inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
+    inv_y = inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
+    ntok, dt = (tokens, d // tokens) if normalize else (1, d)
+    lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
+    lse_c = torch.empty(m, device=x.device, dtype=torch.float32)
+    cfg = _config(d, x.dtype, x.device)
+    stages = cfg.pop("num_stages")
+    warps = cfg.pop("num_warps")
+    cfg.pop("BLOCK_DO")
+    b = bias.float().reshape(1)
+    for A, B, ia, ib, s, out, na, nb in ((x, y, inv_x, inv_y, a, lse_r, n, m), (y, x, inv_y, inv_x, c, lse_c, m, n)):
+        grid = (triton.cdiv(na, cfg["BLOCK_M"]),)
+        K._lse_fwd_kernel[grid](
+            A, B, ia, ib, s.float().contiguous(), b, out, na, nb, d, dt, ntok, A.stride(0), B.stride(0),
+            NORM=normalize, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), num_warps=warps, num_stages=stages, **cfg)
+    return lse_r, lse_c
+
+
+def _triton_bwd(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
+    from . import triton_kernels as K
+
+    n, d = x.shape
+    m = y.shape[0]
+    x, y = x.contiguous(), y.contiguous()
+    inv_x = inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
+    inv_y = inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
+    ntok, dt = (tokens, d // tokens) if normalize else (1, d)
+    cfg = _config(d, x.dtype, x.device)
+    stages = cfg.pop("num_stages")
+    warps = cfg.pop("num_warps")
+    b = bias.float().reshape(1)
+    a32, c32 = a.float().contiguous(), c.float().contiguous()
+    g_r, g_c = g_r.float().contiguous(), g_c.float().contiguous()
+    outs = []
+    for A, B, ia, ib, sa, sb, la, lb, ga, gb, na, nb in (
+        (x, y, inv_x, inv_y, a32, c32, lse_r, lse_c, g_r, g_c, n, m),
+        (y, x, inv_y, inv_x, c32, a32, lse_c, lse_r, g_c, g_r, m, n),
+    ):
+        dA = torch.empty(na, d, device=x.device, dtype=torch.float32)
+        dsa = torch.empty(na, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(na, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        K._lse_bwd_kernel[grid](
+            A, B, ia, ib, sa, sb, b, la, lb, ga, gb, dA, dsa, na, nb, d, dt, ntok,
+            A.stride(0), B.stride(0), dA.stride(0),
+            NORM=normalize, MULTI_TOKEN=normalize and ntok > 1, HAS_BIAS=True, PRECISION=_precision(x.dtype),
+            UPCAST=_upcast(x), num_warps=warps, num_stages=stages, **cfg)
+        outs.append((dA, dsa))
+    (dxh, da), (dyh, dc) = outs
+    return dxh, dyh, da, dc
+
+
+# -------------------------------------------------------------------------------------- blockwise PyTorch path
+def _rows_per_block(m: int) -> int:
+    return max(1, min(4096, _TORCH_BLOCK_BYTES // (4 * max(m, 1))))
+
+
+def _torch_fwd(x, y, a, c, bias, normalize, tokens):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc)
+    yh = _apply_tokens(y, inv_token_norms(y, tokens)) if normalize else y.to(acc)
+    a, c, b = a.to(acc), c.to(acc), bias.to(acc)
+    n, m = xh.shape[0], yh.shape[0]
+    lse_r = torch.empty(n, dtype=acc, device=x.device)
+    col_max = torch.full((m,), float("-inf"), dtype=acc, device=x.device)
+    col_sum = torch.zeros(m, dtype=acc, device=x.device)
+    step = _rows_per_block(m)
+    for i0 in range(0, n, step):
+        s = xh[i0:i0 + step] @ yh.T  # one block of rows: step×M, never N×M
+        lse_r[i0:i0 + step] = torch.logsumexp(a[i0:i0 + step, None] * s + b, dim=1)
+        zc = c[None, :] * s + b
+        blk_max = zc.max(dim=0).values
+        new_max = torch.maximum(col_max, blk_max)
+        col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(zc - new_max).sum(dim=0)
+        col_max = new_max
+    return lse_r, col_max + col_sum.log()
+
+
+def _torch_bwd(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc)
+    yh = _apply_tokens(y, inv_token_norms(y, tokens)) if normalize else y.to(acc)
+    a, c, b = a.to(acc), c.to(acc), bias.to(acc)
+    g_r, g_c, lse_r, lse_c = g_r.to(acc), g_c.to(acc), lse_r.to(acc), lse_c.to(acc)
+    n, m = xh.shape[0], yh.shape[0]
+    dxh = torch.empty_like(xh)
+    dyh = torch.zeros_like(yh)
+    da = torch.empty(n, dtype=acc, device=x.device)
+    dc = torch.zeros(m, dtype=acc, device=x.device)
+    step = _rows_per_block(m)
+    for i0 in range(0, n, step):
+        sl = slice(i0, i0 + step)
+        s = xh[sl] @ yh.T
+        p = torch.exp(a[sl, None] * s + b - lse_r[sl, None])
+        q = torch.exp(c[None, :] * s + b - lse_c[None, :])
+        da[sl] = g_r[sl] * (p * s).sum(dim=1)
+        dc += g_c * (q * s).sum(dim=0)
+        g = p * (g_r[sl] * a[sl])[:, None] + q * (g_c * c)[None, :]
+        dxh[sl] = g @ yh
+        dyh += g.T @ xh[sl]
+    return dxh, dyh, da, dc
+
+
+# ------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastcontrast::lse_pair", mutates_args=())
+def lse_pair(x: Tensor, y: Tensor, a: Tensor, c: Tensor, bias: Tensor, normalize: bool, tokens: int
+             ) -> Tuple[Tensor, Tensor]:
+    """(lse_row (N,), lse_col (M,)) of a·S + b over columns and c·S + b over rows; S = x̂ŷᵀ, never materialised."""
+    if _triton_ok(x):
+        return _triton_fwd(x, y, a, c, bias, normalize, tokens)
+    return _torch_fwd(x, y, a, c, bias, normalize, tokens)
+
+
+@lse_pair.register_fake
+def _(x, y, a, c, bias, normalize, tokens):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(y.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fastcontrast::lse_pair_backward", mutates_args=())
+def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tensor, bias: Tensor,
+                      lse_r: Tensor, lse_c: Tensor, normalize: bool, tokens: int
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, da, dc): gradients of Σ g_r·lse_row + Σ g_c·lse_col, the normalisation's Jacobian included."""
+    impl = _triton_bwd if _triton_ok(x) else _torch_bwd
+    dxh, dyh, da, dc = impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens)
+    if normalize:
+        dxh = token_norm_backward(x, inv_token_norms(x, tokens), dxh)
+        dyh = token_norm_backward(y, inv_token_norms(y, tokens), dyh)
+    return dxh.to(x.dtype), dyh.to(y.dtype), da.to(a.dtype), dc.to(c.dtype)
+
+
+@lse_pair_backward.register_fake
+def _(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(c)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, a, c, bias, normalize, tokens = inputs
+    ctx.save_for_backward(x, y, a, c, bias, *output)
+    ctx.normalize, ctx.tokens = normalize, tokens
+
+
+def _backward(ctx, g_r, g_c):
+    x, y, a, c, bias, lse_r, lse_c = ctx.saved_tensors
+    g_r = torch.zeros_like(lse_r) if g_r is None else g_r
+    g_c = torch.zeros_like(lse_c) if g_c is None else g_c
+    dx, dy, da, dc = lse_pair_backward(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, ctx.normalize, ctx.tokens)
+    dbias = (g_r.sum() + g_c.sum()).to(bias.dtype).reshape(bias.shape)  # Σ_j P_ij = 1 per row and column
+    return dx, dy, da, dc, dbias, None, None
+
+
+lse_pair.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- the InfoNCE
+def infonce_fused(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Optional[Tensor],
+                  labels: Tensor, normalize: bool, tokens: int) -> Tensor:
+    """InfoNCE through ``lse_pair``: ½ mean_i[(lse_row_i − a_i s_i − b) + (lse_col_{p(i)} − c_{p(i)} s_i − b)].
+
+    The positive similarity s_i = ⟨x̂_i, ŷ_{p(i)}⟩ is an O(N·D) row-wise dot, left to autograd.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b = torch.zeros((), device=x.device, dtype=acc) if bias is None else bias.to(acc)
+    a, c = row_scale.to(acc), col_scale.to(acc)
+    lse_r, lse_c = lse_pair(x, y, a, c, b, normalize, tokens)
+    xf, yp = x.to(acc), y[labels].to(acc)
+    if normalize:
+        xf, yp = _apply_tokens(x, inv_token_norms(x, tokens)), _apply_tokens(y[labels], inv_token_norms(y[labels], tokens))
+    pos = (xf * yp).sum(dim=1)
+    i2t = lse_r - a * pos - b
+    t2i = lse_c[labels] - c[labels] * pos - b
+    return 0.5 * (i2t.mean() + t2i.mean())
+
+
+if _TRITON_IMPORT_ERROR is None:
+    import triton  # noqa: E402  (only for cdiv in the launchers)
+
+    register("infonce", "triton")(infonce_fused)
