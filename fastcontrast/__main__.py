@@ -16,6 +16,16 @@ def main(argv=None) -> int:
                    help="working dtype (repeatable; default float32 and bfloat16)")
     v.add_argument("--seeds", type=int, default=3, help="number of random seeds per case (default 3)")
     sub.add_parser("backends", help="list backends and why any is unavailable")
+    b = sub.add_parser("bench", help="time and memory of the fused loss against its baselines, in one run")
+    b.add_argument("--sizes", default=None, help="comma-separated batch sizes (default: 1024,2048,4096 on CPU; "
+                   "4096,16384,65536 on CUDA)")
+    b.add_argument("--dim", type=int, default=None, help="feature dim (default 512 on CPU, 768 on CUDA)")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default float32 on CPU, bfloat16 on CUDA")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference baseline")
+    b.add_argument("--reps", type=int, default=7)
+    b.add_argument("--out", default="benchmarks/out", help="folder for bench.csv, bench.md, bench.png")
     args = p.parse_args(argv)
     cmd = args.cmd or "validate"
     if cmd == "backends":
@@ -25,6 +35,15 @@ def main(argv=None) -> int:
             for b in BACKENDS:
                 r = unavailable_reason("infonce", b, torch.device(dev))
                 print(f"{dev:5s} {b:10s} {'available' if r is None else 'unavailable: ' + r}")
+        return 0
+    if cmd == "bench":
+        from .bench import run
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gpu = dev.type == "cuda"
+        sizes = [int(v) for v in (args.sizes or ("4096,16384,65536" if gpu else "1024,2048,4096")).split(",")]
+        dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+        run(sizes, args.dim or (768 if gpu else 512), dtype, dev, out_dir=args.out, with_compile=not args.no_compile,
+            reps=args.reps)
         return 0
     from .validate import run_validation
     dtypes = [getattr(torch, d) for d in (getattr(args, "dtype", None) or ["float32", "bfloat16"])]

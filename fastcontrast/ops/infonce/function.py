@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register, triton_interpret
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
@@ -48,12 +49,19 @@ def _triton_ok(t: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- Triton launch
-def _config(d: int, dtype: torch.dtype, device: torch.device):
+CONFIG_OVERRIDE: Optional[dict] = None  # {"fwd": {...}, "bwd": {...}}: benchmarks/tune_infonce.py sweeps these
+
+
+def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile shapes for the forward ("fwd") or backward ("bwd") kernel."""
+    if CONFIG_OVERRIDE is not None and kind in CONFIG_OVERRIDE:
+        return dict(CONFIG_OVERRIDE[kind])
     if device.type != "cuda":  # interpreter: small tiles so tests cover ragged tails and several D-chunks
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=32, num_warps=4, num_stages=1)
-    big = dtype != torch.float32
-    return dict(BLOCK_M=128 if big else 64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=min(256, max(64, 1 << (d - 1).bit_length())),
-                num_warps=8, num_stages=3)
+    if kind == "fwd":
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=min(256, max(64, 1 << (d - 1).bit_length())),
+                num_warps=8, num_stages=2)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -77,10 +85,10 @@ def _triton_fwd(x, y, a, c, bias, normalize, tokens):
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
     lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
     lse_c = torch.empty(m, device=x.device, dtype=torch.float32)
-    cfg = _config(d, x.dtype, x.device)
+    cfg = _config("fwd", d, x.dtype, x.device)
+    cfg.pop("BLOCK_DO", None)
     stages = cfg.pop("num_stages")
     warps = cfg.pop("num_warps")
-    cfg.pop("BLOCK_DO")
     b = bias.float().reshape(1)
     for A, B, ia, ib, s, out, na, nb in ((x, y, inv_x, inv_y, a, lse_r, n, m), (y, x, inv_y, inv_x, c, lse_c, m, n)):
         grid = (triton.cdiv(na, cfg["BLOCK_M"]),)
@@ -99,7 +107,7 @@ def _triton_bwd(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
     inv_x = inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     inv_y = inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
-    cfg = _config(d, x.dtype, x.device)
+    cfg = _config("bwd", d, x.dtype, x.device)
     stages = cfg.pop("num_stages")
     warps = cfg.pop("num_warps")
     b = bias.float().reshape(1)
@@ -179,6 +187,10 @@ def _torch_bwd(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
 def lse_pair(x: Tensor, y: Tensor, a: Tensor, c: Tensor, bias: Tensor, normalize: bool, tokens: int
              ) -> Tuple[Tensor, Tensor]:
     """(lse_row (N,), lse_col (M,)) of a·S + b over columns and c·S + b over rows; S = x̂ŷᵀ, never materialised."""
+    return _lse_pair_impl(x, y, a, c, bias, normalize, tokens)
+
+
+def _lse_pair_impl(x, y, a, c, bias, normalize, tokens):
     if _triton_ok(x):
         return _triton_fwd(x, y, a, c, bias, normalize, tokens)
     return _torch_fwd(x, y, a, c, bias, normalize, tokens)
@@ -195,6 +207,10 @@ def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor,
                       lse_r: Tensor, lse_c: Tensor, normalize: bool, tokens: int
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, da, dc): gradients of Σ g_r·lse_row + Σ g_c·lse_col, the normalisation's Jacobian included."""
+    return _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens)
+
+
+def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
     impl = _triton_bwd if _triton_ok(x) else _torch_bwd
     dxh, dyh, da, dc = impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens)
     if normalize:
@@ -224,6 +240,10 @@ def _backward(ctx, g_r, g_c):
 
 
 lse_pair.register_autograd(_backward, setup_context=_setup_context)
+
+# Memory accounting (fastcontrast._memtrack) looks inside these ops instead of seeing them as one opaque call.
+OPAQUE_IMPLS[torch.ops.fastcontrast.lse_pair.default] = _lse_pair_impl
+OPAQUE_IMPLS[torch.ops.fastcontrast.lse_pair_backward.default] = _lse_pair_backward_impl
 
 
 # ---------------------------------------------------------------------------------------------- the InfoNCE

@@ -1,0 +1,60 @@
+"""Sweep tile shapes of the fused InfoNCE kernels on a GPU; prints median ms per config for fwd and bwd.
+
+    python benchmarks/tune_infonce.py [--n 16384] [--d 768] [--dtype bfloat16]
+
+FLOP count per kernel launch pair: forward 2 × 2NMd (row and column passes); backward
+2 × (cdiv(d, BLOCK_DO) + 1) × 2NMd (S recomputed per D-chunk, plus the dX̂ / dŶ products).
+"""
+import argparse
+import itertools
+
+import torch
+
+from fastcontrast.bench import median_ms
+from fastcontrast.ops.infonce import function as fn
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--dtype", default="bfloat16")
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    dt = getattr(torch, a.dtype)
+    n, d = a.n, a.d
+    x = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dt)
+    y = torch.nn.functional.normalize(torch.randn(n, d, device=dev), dim=1).to(dt)
+    s = torch.full((n,), 14.3, device=dev)
+    b = torch.zeros((), device=dev)
+    g = torch.full((n,), 1.0 / n, device=dev)
+    unit = 2 * n * n * d
+    print(f"| kernel | BM | BN | BK | BDO | warps | stages | ms | TFLOP/s (executed) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    lse = fn._triton_fwd(x, y, s, s, b, False, 1)
+    fwd_cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128), (64,), (4, 8), (3, 4))]
+    for c in fwd_cfgs:
+        fn.CONFIG_OVERRIDE = {"fwd": c}
+        try:
+            ms = median_ms(lambda: fn._triton_fwd(x, y, s, s, b, False, 1), dev, warmup=2, reps=5)
+            print(f"| fwd | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['BLOCK_K']} | - | {c['num_warps']} | "
+                  f"{c['num_stages']} | {ms:.3f} | {2 * unit / ms / 1e9:.0f} |", flush=True)
+        except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+            print(f"| fwd | {c} | failed: {type(e).__name__} |", flush=True)
+    bwd_cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_DO=bdo, num_warps=w, num_stages=st)
+                for bm, bn, bdo, w, st in itertools.product((64, 128), (64, 128), (128, 256), (4, 8), (2, 3))]
+    for c in bwd_cfgs:
+        fn.CONFIG_OVERRIDE = {"bwd": c}
+        chunks = -(-d // c["BLOCK_DO"])
+        try:
+            ms = median_ms(lambda: fn._triton_bwd(g, g, x, y, s, s, b, *lse, False, 1), dev, warmup=2, reps=5)
+            print(f"| bwd | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['BLOCK_K']} | {c['BLOCK_DO']} | {c['num_warps']} | "
+                  f"{c['num_stages']} | {ms:.3f} | {2 * (chunks + 1) * unit / ms / 1e9:.0f} |", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"| bwd | {c} | failed: {type(e).__name__} |", flush=True)
+    fn.CONFIG_OVERRIDE = None
+
+
+if __name__ == "__main__":
+    main()
