@@ -149,7 +149,7 @@ def run_validation(devices=None, dtypes=None, seeds=(0, 1, 2), cases: Optional[L
                             f, b, _ = compare(case, backend, dt, dev, s)
                             fwd, bwd = max(fwd, f), max(bwd, b)
                     except Exception as e:  # noqa: BLE001 - reported as a failing row
-                        err = f"{type(e).__name__}: {e}"
+                        err = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
                     ok = err is None and fwd <= tol and bwd <= tol
                     ok_all &= ok
                     rows.append((case.name, backend, str(dev), str(dt).replace("torch.", ""),

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from .._triton_support import tl, triton
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 if triton is not None:
+    # Compiled kernels may read module globals only when they are constexpr.
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
 
     @triton.jit
     def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
