@@ -39,7 +39,7 @@ def test_large_logit_scale_bf16_no_overflow(backend):
         s = torch.tensor(100.0, device=dev, requires_grad=True)
         out = fc.clip_loss(x, y, s, normalize=normalize, backend=backend)
         out.backward()
-        xr, yr = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+        xr, yr = x.detach().double().cpu().requires_grad_(), y.detach().double().cpu().requires_grad_()
         sr = torch.tensor(100.0, dtype=torch.float64, requires_grad=True)
         ref = fc.clip_loss(xr, yr, sr, normalize=normalize, backend="reference")
         ref.backward()

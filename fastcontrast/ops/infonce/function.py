@@ -17,8 +17,8 @@ from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register, triton_interpret
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
-# Rows per block of the PyTorch path: one block holds BLOCK×M floats (64 MiB at M = 64k).
-_TORCH_BLOCK_BYTES = 64 * 2**20
+# Byte budget of one row block (PyTorch forward) or one G slab (backward): 256 MiB is 2048 bf16 rows at M = 64k.
+_BLOCK_BYTES = 256 * 2**20
 
 
 def inv_token_norms(x: Tensor, tokens: int) -> Tensor:
@@ -53,15 +53,14 @@ CONFIG_OVERRIDE: Optional[dict] = None  # {"fwd": {...}, "bwd": {...}}: benchmar
 
 
 def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile shapes for the forward ("fwd") or backward ("bwd") kernel."""
+    """Tile shapes for the forward ("fwd") or the backward's G-tile ("bwd") kernel."""
     if CONFIG_OVERRIDE is not None and kind in CONFIG_OVERRIDE:
         return dict(CONFIG_OVERRIDE[kind])
     if device.type != "cuda":  # interpreter: small tiles so tests cover ragged tails and several D-chunks
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=32, num_warps=4, num_stages=1)
-    if kind == "fwd":
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=min(256, max(64, 1 << (d - 1).bit_length())),
-                num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if kind == "fwd":  # tile sweep on an H100, N = 16k, d = 768, bf16 (RESULTS.md): 128×128, 8 warps, 4 stages
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -86,7 +85,6 @@ def _triton_fwd(x, y, a, c, bias, normalize, tokens):
     lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
     lse_c = torch.empty(m, device=x.device, dtype=torch.float32)
     cfg = _config("fwd", d, x.dtype, x.device)
-    cfg.pop("BLOCK_DO", None)
     stages = cfg.pop("num_stages")
     warps = cfg.pop("num_warps")
     b = bias.float().reshape(1)
@@ -98,42 +96,88 @@ def _triton_fwd(x, y, a, c, bias, normalize, tokens):
     return lse_r, lse_c
 
 
-def _triton_bwd(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
+def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, sigma, normalize, tokens):
+    """Returns fill(r0, rc, slab, da, dc): σ·G for rows r0:r0+rc into slab[:rc], scale grads accumulated."""
     from . import triton_kernels as K
 
     n, d = x.shape
     m = y.shape[0]
-    x, y = x.contiguous(), y.contiguous()
-    inv_x = inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
-    inv_y = inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
     cfg = _config("bwd", d, x.dtype, x.device)
-    stages = cfg.pop("num_stages")
-    warps = cfg.pop("num_warps")
+    stages, warps = cfg.pop("num_stages"), cfg.pop("num_warps")
     b = bias.float().reshape(1)
     a32, c32 = a.float().contiguous(), c.float().contiguous()
     g_r, g_c = g_r.float().contiguous(), g_c.float().contiguous()
-    outs = []
-    for A, B, ia, ib, sa, sb, la, lb, ga, gb, na, nb in (
-        (x, y, inv_x, inv_y, a32, c32, lse_r, lse_c, g_r, g_c, n, m),
-        (y, x, inv_y, inv_x, c32, a32, lse_c, lse_r, g_c, g_r, m, n),
-    ):
-        dA = torch.empty(na, d, device=x.device, dtype=torch.float32)
-        dsa = torch.empty(na, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(na, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-        K._lse_bwd_kernel[grid](
-            A, B, ia, ib, sa, sb, b, la, lb, ga, gb, dA, dsa, na, nb, d, dt, ntok,
-            A.stride(0), B.stride(0), dA.stride(0),
-            NORM=normalize, MULTI_TOKEN=normalize and ntok > 1, HAS_BIAS=True, PRECISION=_precision(x.dtype),
-            UPCAST=_upcast(x), num_warps=warps, num_stages=stages, **cfg)
-        outs.append((dA, dsa))
-    (dxh, da), (dyh, dc) = outs
-    return dxh, dyh, da, dc
+
+    def fill(r0, rc, slab, da, dc):
+        grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(m, cfg["BLOCK_N"]))
+        K._grad_tile_kernel[grid](
+            x, y, inv_x, inv_y, a32, c32, b, lse_r, lse_c, g_r, g_c, sigma, slab, da, dc, r0, rc, m, d, dt, ntok,
+            x.stride(0), y.stride(0), slab.stride(0),
+            NORM=normalize, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
+            num_warps=warps, num_stages=stages, **cfg)
+
+    return fill
+
+
+def _torch_grad_tiles(xh, yh, a, c, bias, lse_r, lse_c, g_r, g_c, sigma):
+    """The same tile computation as _grad_tile_kernel, one row chunk at a time, in PyTorch."""
+    def fill(r0, rc, slab, da, dc):
+        sl = slice(r0, r0 + rc)
+        s = xh[sl] @ yh.T
+        p = torch.exp(a[sl, None] * s + bias - lse_r[sl, None])
+        q = torch.exp(c[None, :] * s + bias - lse_c[None, :])
+        da[sl] += g_r[sl] * (p * s).sum(dim=1)
+        dc += g_c * (q * s).sum(dim=0)
+        slab[:rc] = (p * (g_r[sl] * a[sl] * sigma)[:, None] + q * (g_c * c * sigma)[None, :]).to(slab.dtype)
+
+    return fill
+
+
+def _lse_backward_slabs(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, use_triton):
+    """dX̂ = G Ŷ and dŶ = Gᵀ X̂ one row chunk of G at a time: G never exists beyond an R×M slab."""
+    n, d = x.shape
+    m = y.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_x = inv_token_norms(x, tokens) if normalize else None
+    inv_y = inv_token_norms(y, tokens) if normalize else None
+    gemm_dtype = x.dtype if use_triton else acc  # tensor-core GEMMs in the input dtype on the fast path
+    xh = _apply_tokens(x, inv_x).to(gemm_dtype) if normalize else x.to(gemm_dtype)
+    yh = _apply_tokens(y, inv_y).to(gemm_dtype) if normalize else y.to(gemm_dtype)
+    a_, c_, b_ = a.to(acc), c.to(acc), bias.to(acc)
+    g_r, g_c, lse_r, lse_c = g_r.to(acc), g_c.to(acc), lse_r.to(acc).contiguous(), lse_c.to(acc).contiguous()
+    # σ keeps max|σ·G| <= 2 (P, Q <= 1): no fp16 overflow, small terms stay representable; computed on device
+    sigma = 1.0 / torch.maximum((g_r * a_).abs().max(), (g_c * c_).abs().max()).clamp_min(1e-30)
+    da = torch.zeros(n, dtype=acc, device=x.device)
+    dc = torch.zeros(m, dtype=acc, device=x.device)
+    if use_triton:
+        x_c, y_c = x.contiguous(), y.contiguous()
+        dummy = x.new_empty(1, dtype=torch.float32)
+        fill = _triton_grad_tiles(x_c, y_c, inv_x if normalize else dummy, inv_y if normalize else dummy,
+                                  a_, c_, b_, lse_r, lse_c, g_r, g_c, sigma.reshape(1), normalize, tokens)
+    else:
+        fill = _torch_grad_tiles(xh, yh, a_, c_, b_, lse_r, lse_c, g_r, g_c, sigma)
+    rows = _rows_per_block(n, m, torch.finfo(gemm_dtype).bits // 8)
+    slab = torch.empty(min(rows, n), m, dtype=gemm_dtype, device=x.device)
+    dxh = torch.empty(n, d, dtype=acc, device=x.device)
+    dyh = torch.zeros(m, d, dtype=acc, device=x.device)
+    for r0 in range(0, n, rows):
+        rc = min(rows, n - r0)
+        fill(r0, rc, slab, da, dc)
+        g = slab[:rc]
+        dxh[r0:r0 + rc] = g @ yh
+        dyh += g.T @ xh[r0:r0 + rc]
+    inv_sigma = 1.0 / sigma
+    return dxh * inv_sigma, dyh * inv_sigma, da, dc
 
 
 # -------------------------------------------------------------------------------------- blockwise PyTorch path
-def _rows_per_block(m: int) -> int:
-    return max(1, min(4096, _TORCH_BLOCK_BYTES // (4 * max(m, 1))))
+def _rows_per_block(n: int, m: int, elt: int = 4) -> int:
+    """Rows of one block (forward) or G slab (backward): a byte budget over M, and at most half of N, so an
+    N×M buffer never exists; a multiple of 128 rows (the Triton tile) when the budget allows."""
+    r = _BLOCK_BYTES // (elt * max(m, 1))
+    r = r // 128 * 128 if r >= 128 else max(1, r)
+    return max(1, min(r, -(-n // 2)))
 
 
 def _torch_fwd(x, y, a, c, bias, normalize, tokens):
@@ -145,7 +189,7 @@ def _torch_fwd(x, y, a, c, bias, normalize, tokens):
     lse_r = torch.empty(n, dtype=acc, device=x.device)
     col_max = torch.full((m,), float("-inf"), dtype=acc, device=x.device)
     col_sum = torch.zeros(m, dtype=acc, device=x.device)
-    step = _rows_per_block(m)
+    step = _rows_per_block(n, m, torch.finfo(acc).bits // 8)
     for i0 in range(0, n, step):
         s = xh[i0:i0 + step] @ yh.T  # one block of rows: step×M, never N×M
         lse_r[i0:i0 + step] = torch.logsumexp(a[i0:i0 + step, None] * s + b, dim=1)
@@ -155,31 +199,6 @@ def _torch_fwd(x, y, a, c, bias, normalize, tokens):
         col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(zc - new_max).sum(dim=0)
         col_max = new_max
     return lse_r, col_max + col_sum.log()
-
-
-def _torch_bwd(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc)
-    yh = _apply_tokens(y, inv_token_norms(y, tokens)) if normalize else y.to(acc)
-    a, c, b = a.to(acc), c.to(acc), bias.to(acc)
-    g_r, g_c, lse_r, lse_c = g_r.to(acc), g_c.to(acc), lse_r.to(acc), lse_c.to(acc)
-    n, m = xh.shape[0], yh.shape[0]
-    dxh = torch.empty_like(xh)
-    dyh = torch.zeros_like(yh)
-    da = torch.empty(n, dtype=acc, device=x.device)
-    dc = torch.zeros(m, dtype=acc, device=x.device)
-    step = _rows_per_block(m)
-    for i0 in range(0, n, step):
-        sl = slice(i0, i0 + step)
-        s = xh[sl] @ yh.T
-        p = torch.exp(a[sl, None] * s + b - lse_r[sl, None])
-        q = torch.exp(c[None, :] * s + b - lse_c[None, :])
-        da[sl] = g_r[sl] * (p * s).sum(dim=1)
-        dc += g_c * (q * s).sum(dim=0)
-        g = p * (g_r[sl] * a[sl])[:, None] + q * (g_c * c)[None, :]
-        dxh[sl] = g @ yh
-        dyh += g.T @ xh[sl]
-    return dxh, dyh, da, dc
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
@@ -211,8 +230,8 @@ def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor,
 
 
 def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
-    impl = _triton_bwd if _triton_ok(x) else _torch_bwd
-    dxh, dyh, da, dc = impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens)
+    dxh, dyh, da, dc = _lse_backward_slabs(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens,
+                                           use_triton=_triton_ok(x))
     if normalize:
         dxh = token_norm_backward(x, inv_token_norms(x, tokens), dxh)
         dyh = token_norm_backward(y, inv_token_norms(y, tokens), dyh)
