@@ -18,6 +18,7 @@ for step in $STEPS; do
     tests) timeout 240 python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -4 ;;
     validate) timeout 180 python3 -m fastcontrast validate --device cuda --dtype float32 --dtype bfloat16 --dtype float16 2>&1 | tee "$OUT/validate.log" | tail -4 ;;
     tune) timeout 200 python3 benchmarks/tune_infonce.py 2>&1 | tee "$OUT/tune.log" ;;
+    profile) timeout 120 python3 benchmarks/profile_infonce.py 2>&1 | tee "$OUT/profile.log" | grep -E "^## |Self CUDA time total" ;;
     bench) timeout 300 python3 -m fastcontrast bench --sizes ${SIZES:-4096,16384,65536} --dim 768 --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -25 ;;
   esac
 done
