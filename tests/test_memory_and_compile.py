@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
+from fastcontrast.ops import _tiles
 from fastcontrast.ops.infonce import function as fn
 
 from fastcontrast._memtrack import PeakMemory
@@ -32,13 +33,13 @@ def _reference(x, y, s):
 @pytest.fixture
 def small_blocks(monkeypatch):
     # 64 rows per block at these sizes, so the tiling (not a single block) is what gets measured
-    monkeypatch.setattr(fn, "_rows_per_block", lambda *a: 64)
+    monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 64)
     monkeypatch.setattr(fn, "_triton_ok", lambda t: False)
 
 
 def test_tracker_sees_inside_the_custom_op(monkeypatch):
     """With one block of all rows the tiled path does build N×N: the tracker must see it (so it can fail)."""
-    monkeypatch.setattr(fn, "_rows_per_block", lambda *a: 10**9)
+    monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 10**9)
     monkeypatch.setattr(fn, "_triton_ok", lambda t: False)
     assert _step(_fused_torch_tiles, 512).largest >= 512 * 512 * 4
 

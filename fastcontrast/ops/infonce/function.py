@@ -14,39 +14,12 @@ import torch
 from torch import Tensor
 
 from ..._memtrack import OPAQUE_IMPLS
-from ...dispatch import register, triton_interpret
+from ...dispatch import register
+from .. import _tiles as T
+from .._tiles import apply_tokens as _apply_tokens
+from .._tiles import inv_token_norms, precision as _precision, token_norm_backward, triton_ok as _triton_ok
+from .._tiles import upcast as _upcast
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
-
-# Byte budget of one row block (PyTorch forward) or one G slab (backward): 256 MiB is 2048 bf16 rows at M = 64k.
-_BLOCK_BYTES = 256 * 2**20
-
-
-def inv_token_norms(x: Tensor, tokens: int) -> Tensor:
-    """1 / max(‖x_ik‖, 1e-12) per token (F.normalize's convention), (N, K) in fp32 (fp64 for fp64 input)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n, d = x.shape
-    return x.to(acc).reshape(n, tokens, d // tokens).norm(dim=-1).clamp_min(1e-12).reciprocal()
-
-
-def _apply_tokens(x: Tensor, inv: Tensor) -> Tensor:
-    n, d = x.shape
-    k = inv.shape[1]
-    return (x.to(inv.dtype).reshape(n, k, d // k) * inv[:, :, None]).reshape(n, d)
-
-
-def token_norm_backward(x: Tensor, inv: Tensor, dxh: Tensor) -> Tensor:
-    """Gradient through x̂ = x/‖x‖ per token: dx = (dx̂ − x̂⟨x̂, dx̂⟩)/‖x‖."""
-    n, d = x.shape
-    k = inv.shape[1]
-    xh = (x.to(inv.dtype).reshape(n, k, d // k) * inv[:, :, None])
-    g = dxh.to(inv.dtype).reshape(n, k, d // k)
-    return ((g - xh * (xh * g).sum(-1, keepdim=True)) * inv[:, :, None]).reshape(n, d)
-
-
-def _triton_ok(t: Tensor) -> bool:
-    return _TRITON_IMPORT_ERROR is None and t.dtype != torch.float64 and (
-        t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret()))
-
 
 # ----------------------------------------------------------------------------------------------- Triton launch
 CONFIG_OVERRIDE: Optional[dict] = None  # {"fwd": {...}, "bwd": {...}}: benchmarks/tune_infonce.py sweeps these
@@ -61,16 +34,6 @@ def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device) -> dict
     if kind == "fwd":  # tile sweep on an H100, N = 16k, d = 768, bf16 (RESULTS.md): 128×128, 8 warps, 4 stages
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)  # same sweep, G-tile kernel
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)  # same sweep, G-tile kernel
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"  # match torch's fp32 matmul numerics unless the user opted into tf32
-    return "tf32"
-
-
-def _upcast(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16  # interpreter work-around, see _dot
 
 
 def _triton_fwd(x, y, a, c, bias, normalize, tokens):
@@ -157,29 +120,12 @@ def _lse_backward_slabs(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tok
                                   a_, c_, b_, lse_r, lse_c, g_r, g_c, sigma.reshape(1), normalize, tokens)
     else:
         fill = _torch_grad_tiles(xh, yh, a_, c_, b_, lse_r, lse_c, g_r, g_c, sigma)
-    rows = _rows_per_block(n, m, torch.finfo(gemm_dtype).bits // 8)
-    slab = torch.empty(min(rows, n), m, dtype=gemm_dtype, device=x.device)
-    dxh = torch.empty(n, d, dtype=acc, device=x.device)
-    dyh = torch.zeros(m, d, dtype=acc, device=x.device)
-    for r0 in range(0, n, rows):
-        rc = min(rows, n - r0)
-        fill(r0, rc, slab, da, dc)
-        g = slab[:rc]
-        dxh[r0:r0 + rc] = g @ yh
-        dyh += g.T @ xh[r0:r0 + rc]
+    dxh, dyh = T.slab_products(lambda r0, rc, slab: fill(r0, rc, slab, da, dc), xh, yh, acc)
     inv_sigma = 1.0 / sigma
     return dxh * inv_sigma, dyh * inv_sigma, da, dc
 
 
 # -------------------------------------------------------------------------------------- blockwise PyTorch path
-def _rows_per_block(n: int, m: int, elt: int = 4) -> int:
-    """Rows of one block (forward) or G slab (backward): a byte budget over M, and at most half of N, so an
-    N×M buffer never exists; a multiple of 128 rows (the Triton tile) when the budget allows."""
-    r = _BLOCK_BYTES // (elt * max(m, 1))
-    r = r // 128 * 128 if r >= 128 else max(1, r)
-    return max(1, min(r, -(-n // 2)))
-
-
 def _torch_fwd(x, y, a, c, bias, normalize, tokens):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc)
@@ -189,7 +135,7 @@ def _torch_fwd(x, y, a, c, bias, normalize, tokens):
     lse_r = torch.empty(n, dtype=acc, device=x.device)
     col_max = torch.full((m,), float("-inf"), dtype=acc, device=x.device)
     col_sum = torch.zeros(m, dtype=acc, device=x.device)
-    step = _rows_per_block(n, m, torch.finfo(acc).bits // 8)
+    step = T.rows_per_block(n, m, torch.finfo(acc).bits // 8)
     for i0 in range(0, n, step):
         s = xh[i0:i0 + step] @ yh.T  # one block of rows: step×M, never N×M
         lse_r[i0:i0 + step] = torch.logsumexp(a[i0:i0 + step, None] * s + b, dim=1)

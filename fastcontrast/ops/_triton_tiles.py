@@ -1,0 +1,41 @@
+"""Triton helpers shared by the kernels of every family: the S-tile product with per-token normalisation."""
+from __future__ import annotations
+
+from ._triton_support import tl, triton
+
+if triton is not None:
+    # Compiled kernels may read module globals only when they are constexpr.
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+
+    @triton.jit
+    def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST: Triton's CPU interpreter mis-computes bf16 tl.dot (seen with triton 3.9), so under
+        # TRITON_INTERPRET the operands are widened; values are the same bf16 numbers, products exact in fp32.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K,
+                stride_am, stride_bm, NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """S tile (BLOCK_M, BLOCK_N) in fp32; per-token inverse norms applied to the fp32 partial sums."""
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(0, K):
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tok_end = (t + 1) * DT
+            for k0 in range(t * DT, tok_end, BLOCK_K):
+                kk = k0 + offs_k
+                km = kk < tok_end
+                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
+                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :], other=0.0)
+                part = _dot(a, tl.trans(b), part, PRECISION, UPCAST)
+            if NORM:
+                ra = tl.load(inv_a + rows * K + t, mask=row_mask, other=0.0)
+                rb = tl.load(inv_b + cols * K + t, mask=col_mask, other=0.0)
+                part = part * ra[:, None] * rb[None, :]
+            acc += part
+        return acc
+
