@@ -1,0 +1,82 @@
+"""Triton kernels for the max-margin (hinge) loss of MM-TS, tiled like the InfoNCE kernels.
+
+For row i of A against every row j of B that is a negative (key_b[j] != key_a[i]):
+
+    sum:      out_i = Σ_j [o_i + S_ij]_+,   cnt_i = #{j : o_i + S_ij > 0}
+    hardest:  out_i = [max_j (o_i + S_ij)]_+, arg_i = the argmax        (VSE++)
+
+with o_i = margin − S_{i,p(i)}. The image→text term is (A, B) = (X, Y), keys (labels, arange(M)); the
+text→image term is (A, B) = (Y[labels], X), keys (labels, labels). The backward of the sum variant writes the
+0/g_i indicator W of active hinges one row-chunk slab at a time and finishes with two GEMMs (``_tiles``).
+"""
+from __future__ import annotations
+
+from .._triton_support import tl, triton
+
+if triton is not None:
+    from .._triton_tiles import _s_tile
+
+    @triton.jit
+    def _hinge_fwd_kernel(A, B, inv_a, inv_b, offset, key_a, key_b, OUT, CNT, ARG, Na, Nb, D, DT, K,
+                          stride_am, stride_bm, NORM: tl.constexpr, HARDEST: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < Na
+        off = tl.load(offset + rows, mask=row_mask, other=0.0)
+        ka = tl.load(key_a + rows, mask=row_mask, other=-1)
+        best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, Nb, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < Nb
+            s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
+                        NORM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            kb = tl.load(key_b + cols, mask=col_mask, other=-2)
+            neg = col_mask[None, :] & (kb[None, :] != ka[:, None])
+            z = off[:, None] + s
+            if HARDEST:
+                zm = tl.where(neg, z, float("-inf"))
+                bm = tl.max(zm, axis=1)
+                ba = tl.argmax(zm, axis=1).to(tl.int32)
+                upd = bm > best
+                arg = tl.where(upd, n0 + ba, arg)
+                best = tl.where(upd, bm, best)
+            else:
+                act = neg & (z > 0)
+                acc += tl.sum(tl.where(act, z, 0.0), axis=1)
+                cnt += tl.sum(act.to(tl.float32), axis=1)
+        if HARDEST:
+            tl.store(OUT + rows, tl.maximum(best, 0.0), mask=row_mask)
+            tl.store(CNT + rows, (best > 0).to(tl.float32), mask=row_mask)
+            tl.store(ARG + rows, arg, mask=row_mask)
+        else:
+            tl.store(OUT + rows, acc, mask=row_mask)
+            tl.store(CNT + rows, cnt, mask=row_mask)
+
+    @triton.jit
+    def _hinge_grad_tile_kernel(A, B, inv_a, inv_b, offset, key_a, key_b, g_a, W, row0, Na_chunk, Nb, D, DT, K,
+                                stride_am, stride_bm, stride_wm, NORM: tl.constexpr, PRECISION: tl.constexpr,
+                                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+        """W_ij = g_i·[j negative and o_i + S_ij > 0] for one tile of one row chunk."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = row0 + local
+        row_mask = local < Na_chunk
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < Nb
+        s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
+                    NORM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        off = tl.load(offset + rows, mask=row_mask, other=0.0)
+        ka = tl.load(key_a + rows, mask=row_mask, other=-1)
+        ga = tl.load(g_a + rows, mask=row_mask, other=0.0)
+        kb = tl.load(key_b + cols, mask=col_mask, other=-2)
+        valid = row_mask[:, None] & col_mask[None, :]
+        act = valid & (kb[None, :] != ka[:, None]) & (off[:, None] + s > 0)
+        w = tl.where(act, ga[:, None], 0.0)
+        tl.store(W + local[:, None] * stride_wm + cols[None, :], w.to(W.dtype.element_ty), mask=valid)
