@@ -202,12 +202,16 @@ def codebook_loss(
     normalize_features: bool = True,
     normalize_codes: bool = True,
     return_stats: bool = False,
+    instance_weight: float = 0.0,
+    instance_logit_scale: Scalar = 1 / 0.07,
     backend: str = "auto",
 ):
     """CODIS swapped prediction: −Σ_k Q_txt(k) log P_img(k) − Σ_k Q_img(k) log P_txt(k), mean over the batch.
 
     Student features (N, D) give P = softmax(⟨z, c_k⟩/τ) over the codebook (K, D); teacher features (N, D) give
     Sinkhorn targets Q without gradient. ``return_stats`` also returns code usage and the dead-code count.
+    ``instance_weight`` > 0 adds that times the instance-level InfoNCE (:func:`clip_loss`, normalised features,
+    ``instance_logit_scale``) on the student features, through the same fused backend.
     """
     names = ("image_features", "text_features", "teacher_image_features", "teacher_text_features")
     feats = (image_features, text_features, teacher_image_features, teacher_text_features)
@@ -231,6 +235,10 @@ def codebook_loss(
     q_img = sk(teacher_scores(teacher_image_features, codebook, nf, nc), epsilon, n_iters)
     q_txt = sk(teacher_scores(teacher_text_features, codebook, nf, nc), epsilon, n_iters)
     loss = ce(image_features, q_txt, codebook, tau, nf, nc) + ce(text_features, q_img, codebook, tau, nf, nc)
+    instance_weight = V.check_positive_float("instance_weight", instance_weight, allow_zero=True)
+    if instance_weight > 0:
+        loss = loss + instance_weight * clip_loss(image_features, text_features, instance_logit_scale,
+                                                  normalize=True, backend=backend)
     if not return_stats:
         return loss
     usage = torch.bincount(torch.cat([q_img.argmax(1), q_txt.argmax(1)]), minlength=codebook.shape[0])

@@ -127,16 +127,18 @@ class CodebookLoss(nn.Module):
     """CODIS: a learnable codebook (K, D) and the swapped-prediction loss against Sinkhorn teacher targets."""
 
     def __init__(self, num_codes: int, dim: int, tau=0.1, epsilon=0.05, n_iters=3, normalize_features=True,
-                 normalize_codes=True, backend="auto"):
+                 normalize_codes=True, instance_weight=0.0, instance_logit_scale=1 / 0.07, backend="auto"):
         super().__init__()
         self.codebook = nn.Parameter(torch.nn.functional.normalize(torch.randn(num_codes, dim), dim=-1))
         self.tau, self.epsilon, self.n_iters = tau, epsilon, n_iters
         self.normalize_features, self.normalize_codes, self.backend = normalize_features, normalize_codes, backend
+        self.instance_weight, self.instance_logit_scale = instance_weight, instance_logit_scale
 
     def forward(self, image_features, text_features, teacher_image_features, teacher_text_features,
                 return_stats: bool = False):
         return Fn.codebook_loss(
             image_features, text_features, teacher_image_features, teacher_text_features,
             self.codebook.to(image_features.dtype), self.tau, self.epsilon, self.n_iters,
-            self.normalize_features, self.normalize_codes, return_stats=return_stats, backend=self.backend,
+            self.normalize_features, self.normalize_codes, return_stats=return_stats,
+            instance_weight=self.instance_weight, instance_logit_scale=self.instance_logit_scale, backend=self.backend,
         )

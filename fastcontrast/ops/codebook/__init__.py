@@ -3,3 +3,5 @@ from .reference import sinkhorn_reference, swapped_prediction_reference
 
 register("sinkhorn", "reference")(sinkhorn_reference)
 register("swapped_prediction", "reference")(swapped_prediction_reference)
+
+from . import function  # noqa: E402,F401  (registers "triton" when triton imports)

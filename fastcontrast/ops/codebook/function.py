@@ -1,0 +1,72 @@
+"""Fused codebook ops: Sinkhorn in potential form (Triton), and the cluster-softmax cross-entropy built on the
+tiled log-sum-exp of the InfoNCE family, so no N×K logits or probabilities are ever materialised.
+
+Swapped prediction: −mean_i Σ_k Q_ik log softmax_k(ẑ_i·ĉ_k/τ) = mean_i [ (Σ_k Q_ik)·lse_i − ⟨ẑ_i, (QĈ)_i⟩/τ ],
+where lse_i comes from ``fastcontrast::lse_pair`` (tiled, recomputing in backward) and QĈ is one GEMM; the
+targets Q (N×K, no gradient) are the only N×K buffer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ...dispatch import register
+from .. import _tiles as T
+from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
+from ..infonce.function import lse_pair
+
+
+def _blocks(device):
+    return (32, 32) if device.type != "cuda" else (64, 128)
+
+
+@torch.no_grad()
+def sinkhorn_fused(scores: Tensor, epsilon: float, n_iters: int) -> Tensor:
+    """Same iterations as the reference (columns, then rows, ``n_iters`` times), in potentials u, v."""
+    from . import triton_kernels as K
+
+    s = scores.contiguous()
+    n, k = s.shape
+    br, bc = _blocks(s.device)
+    u = torch.zeros(n, device=s.device, dtype=torch.float32)
+    v = torch.empty(k, device=s.device, dtype=torch.float32)
+    inv_eps = 1.0 / epsilon
+    log_col = math.log(n / k)
+    for _ in range(n_iters):
+        K._lse_axis_kernel[(triton.cdiv(k, bc),)](s, u, v, n, k, s.stride(0), inv_eps, log_col, AXIS=0,
+                                                   BLOCK_R=br, BLOCK_C=bc)
+        K._lse_axis_kernel[(triton.cdiv(n, br),)](s, v, u, n, k, s.stride(0), inv_eps, 0.0, AXIS=1,
+                                                   BLOCK_R=br, BLOCK_C=bc)
+    q = torch.empty(n, k, device=s.device, dtype=torch.float32)
+    K._sinkhorn_out_kernel[(triton.cdiv(n, br), triton.cdiv(k, bc))](s, u, v, q, n, k, s.stride(0), q.stride(0),
+                                                                      inv_eps, BLOCK_R=br, BLOCK_C=bc)
+    return q
+
+
+def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float, normalize_features: bool = True,
+                             normalize_codes: bool = True) -> Tensor:
+    """−mean_i Σ_k Q_ik log softmax_k(⟨ẑ_i, ĉ_k⟩/τ) without an N×K logit matrix; gradients to z and codebook."""
+    acc = torch.float32
+    n, k = z.shape[0], codebook.shape[0]
+    # the two sides may be normalised differently, so normalisation happens here (autograd carries it)
+    zh = T.apply_tokens(z, T.inv_token_norms(z, 1)) if normalize_features else z.to(acc)
+    ch = T.apply_tokens(codebook, T.inv_token_norms(codebook, 1)) if normalize_codes else codebook.to(acc)
+    inv_tau = torch.full((n,), 1.0 / tau, device=z.device, dtype=acc)
+    col_scale = torch.full((k,), 1.0 / tau, device=z.device, dtype=acc)
+    zero = torch.zeros((), device=z.device, dtype=acc)
+    if normalize_features == normalize_codes:  # normalisation fused in the kernel (fp32 per-token norms)
+        lse, _ = lse_pair(z, codebook.to(z.dtype), inv_tau, col_scale, zero, normalize_features, 1)
+    else:  # kernel operands: the normalised copies, in the input dtype (tensor cores)
+        lse, _ = lse_pair(zh.to(z.dtype), ch.to(z.dtype), inv_tau, col_scale, zero, False, 1)
+    q = q.to(acc)
+    target = (zh * (q @ ch)).sum(dim=1) / tau  # Σ_k Q_ik ⟨ẑ_i, ĉ_k⟩/τ as one GEMM and a row dot
+    return (q.sum(dim=1) * lse - target).mean()
+
+
+if _TRITON_IMPORT_ERROR is None:
+    import triton  # noqa: E402
+
+    register("sinkhorn", "triton")(sinkhorn_fused)
+    register("swapped_prediction", "triton")(swapped_prediction_fused)

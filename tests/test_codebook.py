@@ -1,0 +1,101 @@
+"""Codebook family: fused Sinkhorn and cluster-softmax CE against the reference, marginals, and an end-to-end
+run where a linear student trained with the loss recovers synthetic clusters."""
+import itertools
+
+import pytest
+import torch
+
+import fastcontrast as fc
+from fastcontrast.validate import Case, default_cases
+
+from conftest import assert_matches_reference, backend_param, kernel_device
+
+FAST = ["triton", "cuda", "cpu"]
+CASE = next(c for c in default_cases() if c.name == "codebook_loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [backend_param("swapped_prediction", b) for b in FAST])
+def test_codebook_matches_reference(backend, dtype):
+    assert_matches_reference(CASE, backend, dtype, kernel_device(), seeds=(0, 1, 2))
+
+
+@pytest.mark.parametrize("n,k,d", [(37, 11, 40), (70, 33, 24), (5, 64, 16)], ids=str)
+@pytest.mark.parametrize("nf,nc", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("backend", [backend_param("swapped_prediction", b) for b in FAST])
+def test_codebook_ragged_and_options(backend, n, k, d, nf, nc):
+    def make(g, dev, dt):
+        f = lambda: torch.randn(n, d, generator=g).to(dev, dt)  # noqa: E731
+        return {"image_features": f(), "text_features": f(), "teacher_image_features": f(),
+                "teacher_text_features": f(), "codebook": torch.randn(k, d, generator=g).to(dev, dt)}
+
+    case = Case("cb", "swapped_prediction", make, lambda backend, **kw: fc.codebook_loss(
+        **kw, tau=0.3, epsilon=0.2 if nf and nc else 2.0, n_iters=4, normalize_features=nf, normalize_codes=nc,
+        backend=backend))
+    assert_matches_reference(case, backend, torch.float32, kernel_device(), seeds=(4,))
+
+
+@pytest.mark.parametrize("backend", [backend_param("sinkhorn", b) for b in FAST + ["reference"]])
+@pytest.mark.parametrize("n,k", [(37, 11), (64, 100)], ids=str)
+def test_sinkhorn_marginals_and_agreement(backend, n, k):
+    dev = kernel_device()
+    scores = torch.randn(n, k, device=dev)
+    q = fc.sinkhorn(scores, epsilon=0.5, n_iters=300, backend=backend)
+    assert torch.isfinite(q).all() and (q >= 0).all()
+    assert torch.allclose(q.sum(1), torch.ones(n, device=dev), atol=1e-4)
+    assert torch.allclose(q.sum(0), torch.full((k,), n / k, device=dev), atol=1e-4)
+    few = fc.sinkhorn(scores, epsilon=0.05, n_iters=3, backend=backend)
+    ref = fc.sinkhorn(scores.double(), epsilon=0.05, n_iters=3, backend="reference")
+    assert float((few.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def _clusters(seed, steps=300, backend="auto"):
+    torch.manual_seed(seed)
+    k, d_lat, d_in, d_out, n = 4, 8, 24, 16, 128
+    centers = torch.randn(k, d_lat) * 3
+    map_i, map_t = torch.randn(d_lat, d_in), torch.randn(d_lat, d_in)  # two "modalities" of one latent
+
+    def batch(b):
+        c = torch.randint(0, k, (b,))
+        lat = centers[c]
+        return c, (lat + 0.3 * torch.randn(b, d_lat)) @ map_i, (lat + 0.3 * torch.randn(b, d_lat)) @ map_t
+
+    si, st = torch.nn.Linear(d_in, d_out), torch.nn.Linear(d_in, d_out)
+    loss_mod = fc.CodebookLoss(k, d_out, tau=0.1, epsilon=0.05, n_iters=3, backend=backend)
+    ti, tt = fc.EMATeacher(si, 0.9), fc.EMATeacher(st, 0.9)
+    opt = torch.optim.Adam([*si.parameters(), *st.parameters(), *loss_mod.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        c, xi, xt = batch(n)
+        loss = loss_mod(si(xi), st(xt), ti(xi), tt(xt))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ti.update(si)
+        tt.update(st)
+        losses.append(float(loss.detach()))
+    c, xi, xt = batch(1000)
+    with torch.no_grad():
+        codes = torch.nn.functional.normalize(loss_mod.codebook, dim=-1)
+        ai = (torch.nn.functional.normalize(si(xi), dim=-1) @ codes.T).argmax(1)
+        at = (torch.nn.functional.normalize(st(xt), dim=-1) @ codes.T).argmax(1)
+        _, stats = loss_mod(si(xi), st(xt), ti(xi), tt(xt), return_stats=True)
+    acc = max(float((torch.tensor(p)[c] == ai).float().mean()) for p in itertools.permutations(range(k)))
+    return acc, float((ai == at).float().mean()), losses, stats
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_end_to_end_student_recovers_clusters(seed):
+    acc, agree, losses, stats = _clusters(seed)
+    assert acc >= 0.95, acc  # cluster assignment accuracy under the best code↔cluster matching
+    assert agree >= 0.95, agree  # image and text of one latent land on the same code
+    assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:20]) / 20
+    assert stats["dead_codes"] == 0
+
+
+def test_instance_infonce_term_is_added():
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    cb = torch.randn(5, 16)
+    base = fc.codebook_loss(x, y, x, y, cb)
+    both = fc.codebook_loss(x, y, x, y, cb, instance_weight=0.5, instance_logit_scale=10.0)
+    assert torch.allclose(both, base + 0.5 * fc.clip_loss(x, y, 10.0, normalize=True))
