@@ -17,9 +17,11 @@ def main(argv=None) -> int:
     v.add_argument("--seeds", type=int, default=3, help="number of random seeds per case (default 3)")
     sub.add_parser("backends", help="list backends and why any is unavailable")
     b = sub.add_parser("bench", help="time and memory of the fused loss against its baselines, in one run")
-    b.add_argument("--sizes", default=None, help="comma-separated batch sizes (default: 1024,2048,4096 on CPU; "
+    b.add_argument("--ops", default=",".join(("clip", "oblique", "adaptive", "margin", "codebook")),
+                   help="comma-separated ops (default: all)")
+    b.add_argument("--sizes", default=None, help="comma-separated batch sizes (default: 512,1024,2048 on CPU; "
                    "4096,16384,65536 on CUDA)")
-    b.add_argument("--dim", type=int, default=None, help="feature dim (default 512 on CPU, 768 on CUDA)")
+    b.add_argument("--dim", type=int, default=None, help="feature dim (default 256 on CPU, 768 on CUDA)")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU, bfloat16 on CUDA")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -40,10 +42,10 @@ def main(argv=None) -> int:
         from .bench import run
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         gpu = dev.type == "cuda"
-        sizes = [int(v) for v in (args.sizes or ("4096,16384,65536" if gpu else "1024,2048,4096")).split(",")]
+        sizes = [int(v) for v in (args.sizes or ("4096,16384,65536" if gpu else "512,1024,2048")).split(",")]
         dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-        run(sizes, args.dim or (768 if gpu else 512), dtype, dev, out_dir=args.out, with_compile=not args.no_compile,
-            reps=args.reps)
+        run(sizes, args.dim or (768 if gpu else 256), dtype, dev, out_dir=args.out, with_compile=not args.no_compile,
+            reps=args.reps, ops=tuple(args.ops.split(",")))
         return 0
     from .validate import run_validation
     dtypes = [getattr(torch, d) for d in (getattr(args, "dtype", None) or ["float32", "bfloat16"])]
