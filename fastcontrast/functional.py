@@ -55,6 +55,22 @@ def clip_loss(
     return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1, backend)
 
 
+def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: Optional[Scalar] = None,
+            labels: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """One-directional InfoNCE: mean_i CE(s·a_i bᵀ + bias, labels_i); a (N, D), b (M, D), labels (N,).
+
+    The building block of open_clip's ``local_loss`` (local rows against the gathered other side).
+    """
+    V.check_features("a", a, 2)
+    V.check_features("b", b, 2)
+    V.check_pair("a", a, "b", b)
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, a)
+    bias = _bias(logit_bias, a)
+    labels = V.check_labels(labels, a.shape[0], b.shape[0], a)
+    _, impl = resolve("ce_rows", backend, a.device)
+    return impl(a, b, scale, bias, labels)
+
+
 def oblique_clip_loss(
     image_tokens: torch.Tensor,
     text_tokens: torch.Tensor,

@@ -13,7 +13,10 @@ class ClipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.ClipLoss``: same constructor, same ``forward``, fused backends underneath.
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias=None, output_dict=False)``
-    where ``logit_scale`` is the multiplier (open_clip's model returns ``logit_scale.exp()``).
+    where ``logit_scale`` is the multiplier (open_clip's model returns ``logit_scale.exp()``). With
+    ``world_size > 1`` (torch.distributed initialised) it gathers like open_clip (``local_loss``,
+    ``gather_with_grad``), or with ``mode="ring"`` passes blocks around the ranks and never holds the global batch
+    (:func:`fastcontrast.distributed.ring_clip_loss`).
     """
 
     def __init__(
@@ -26,18 +29,17 @@ class ClipLoss(nn.Module):
         use_horovod: bool = False,
         backend: str = "auto",
         normalize: bool = False,
+        mode: str = "gather",
     ):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod: horovod is not supported; fastcontrast uses torch.distributed")
-        if world_size != 1:
-            raise NotImplementedError(
-                "world_size > 1: distributed ClipLoss is not implemented yet in this version; "
-                "gather features yourself and call with world_size=1"
-            )
+        if mode not in ("gather", "ring"):
+            raise ValueError(f"mode must be 'gather' or 'ring', got {mode!r}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
-        self.backend, self.normalize = backend, normalize
+        self.backend, self.normalize, self.mode = backend, normalize, mode
+        self._checked_batch = None
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         # Pair i <-> i, as open_clip. cache_labels is accepted for signature compatibility: the diagonal is
@@ -49,9 +51,31 @@ class ClipLoss(nn.Module):
                 f"ClipLoss pairs image i with text i: batches must match, got {image_features.shape[0]} "
                 f"images and {text_features.shape[0]} texts (use fastcontrast.clip_loss with labels instead)"
             )
-        loss = Fn.clip_loss(image_features, text_features, logit_scale, logit_bias,
-                            normalize=self.normalize, backend=self.backend)
+        if self.world_size > 1:
+            loss = self._distributed(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = Fn.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                                normalize=self.normalize, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed(self, image_features, text_features, logit_scale, logit_bias):
+        from . import distributed as D
+
+        if self.mode == "ring":
+            return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize)
+        n = image_features.shape[0]
+        if self._checked_batch != n:  # one extra collective per new local batch size, not per step
+            D.check_equal_local_batches(n)
+            self._checked_batch = n
+        if self.normalize:
+            image_features = torch.nn.functional.normalize(image_features, dim=-1)
+            text_features = torch.nn.functional.normalize(text_features, dim=-1)
+        all_img, all_txt = D.gather_features(image_features, text_features, self.local_loss, self.gather_with_grad)
+        if not self.local_loss:
+            return Fn.clip_loss(all_img, all_txt, logit_scale, logit_bias, backend=self.backend)
+        labels = torch.arange(n, device=image_features.device) + n * self.rank
+        return 0.5 * (Fn.ce_rows(image_features, all_txt, logit_scale, logit_bias, labels, self.backend)
+                      + Fn.ce_rows(text_features, all_img, logit_scale, logit_bias, labels, self.backend))
 
 
 class ObliqueClipLoss(nn.Module):

@@ -99,5 +99,7 @@ def test_margin_density_sinkhorn_codebook_bad_inputs():
 def test_cliploss_module_mismatched_batch():
     with pytest.raises(ValueError, match="batches must match"):
         fc.ClipLoss()(X, torch.randn(5, 8), 10.0)
-    with pytest.raises(NotImplementedError, match="world_size > 1"):
-        fc.ClipLoss(world_size=2)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        fc.ClipLoss(world_size=2, rank=0)(X, Y, 10.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        fc.ClipLoss(mode="tree")

@@ -1,6 +1,7 @@
 from ...dispatch import register
-from .reference import infonce_reference
+from .reference import ce_rows_reference, infonce_reference
 
 register("infonce", "reference")(infonce_reference)
+register("ce_rows", "reference")(ce_rows_reference)
 
 from . import function  # noqa: E402,F401  (custom op; registers "triton" when triton imports)

@@ -231,7 +231,18 @@ def infonce_fused(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bi
     return 0.5 * (i2t.mean() + t2i.mean())
 
 
+def ce_rows_fused(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
+    """mean_i [lse_j(s·⟨a_i, b_j⟩ + bias) − s·⟨a_i, b_{l_i}⟩ − bias] through ``lse_pair`` (row statistics)."""
+    acc = T.acc_dtype(a)
+    bb = torch.zeros((), device=a.device, dtype=acc) if bias is None else bias.to(acc)
+    s = scale.to(acc)
+    lse_r, _ = lse_pair(a, b, s.expand(a.shape[0]), s.expand(b.shape[0]), bb, False, 1)
+    pos = (a.to(acc) * b[labels].to(acc)).sum(dim=1)
+    return (lse_r - s * pos - bb).mean()
+
+
 if _TRITON_IMPORT_ERROR is None:
     import triton  # noqa: E402  (only for cdiv in the launchers)
 
     register("infonce", "triton")(infonce_fused)
+    register("ce_rows", "triton")(ce_rows_fused)

@@ -75,3 +75,12 @@ def clip_loss_reference(image_features, text_features, logit_scale, logit_bias=N
     return infonce_reference(
         image_features, text_features, s.expand(n), s.expand(m), logit_bias, labels, normalize
     )
+
+
+def ce_rows_reference(a, b, scale, bias=None, labels=None):
+    """One direction only: mean_i CE(s·a_i bᵀ + bias, labels_i) (open_clip's local_loss terms)."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    logits = scale.to(acc) * (a.to(acc) @ b.to(acc).T)
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits, labels)
