@@ -9,6 +9,7 @@ from .functional import (
     density_temperature,
     max_margin_loss,
     oblique_clip_loss,
+    siglip_loss,
     sinkhorn,
 )
 from .modules import (
@@ -18,13 +19,14 @@ from .modules import (
     EMATeacher,
     MaxMarginLoss,
     ObliqueClipLoss,
+    SigLipLoss,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "clip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
+    "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
     "sinkhorn", "codebook_loss", "cosine_schedule",
-    "ClipLoss", "ObliqueClipLoss", "AdaptiveTemperatureClipLoss", "MaxMarginLoss", "CodebookLoss", "EMATeacher",
+    "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "AdaptiveTemperatureClipLoss", "MaxMarginLoss", "CodebookLoss", "EMATeacher",
     "BACKENDS", "BackendUnavailableError", "available_backends",
 ]

@@ -55,6 +55,32 @@ def clip_loss(
     return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1, backend)
 
 
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scalar,
+    logit_bias: Optional[Scalar] = None,
+    labels: Optional[torch.Tensor] = None,
+    negative_only: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss: −(1/N) Σ_ij log σ(z_ij (s⟨x_i, y_j⟩ + b)), z = +1 at (i, labels_i) and −1 elsewhere.
+
+    image_features (N, D), text_features (M, D); labels default to the diagonal; ``negative_only`` makes every
+    pair a negative (open_clip's term for another rank's texts). Matches ``open_clip.loss.SigLipLoss``.
+    """
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
+    bias = _bias(logit_bias, image_features)
+    n, m = image_features.shape[0], text_features.shape[0]
+    labels = None if negative_only else V.check_labels(labels, n, m, image_features)
+    V.check_finite(image_features=image_features, text_features=text_features)
+    _, impl = resolve("siglip", backend, image_features.device)
+    return impl(image_features, text_features, scale, bias, labels, bool(negative_only))
+
+
 def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: Optional[Scalar] = None,
             labels: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """One-directional InfoNCE: mean_i CE(s·a_i bᵀ + bias, labels_i); a (N, D), b (M, D), labels (N,).
@@ -267,6 +293,6 @@ def _perplexity(usage: torch.Tensor) -> float:
 
 
 __all__ = [
-    "clip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
+    "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
     "sinkhorn", "codebook_loss", "cosine_schedule",
 ]

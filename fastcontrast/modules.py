@@ -78,6 +78,38 @@ class ClipLoss(nn.Module):
                       + Fn.ce_rows(text_features, all_img, logit_scale, logit_bias, labels, self.backend))
 
 
+class SigLipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.SigLipLoss`` (same constructor and ``forward``), fused on every backend.
+
+    With ``world_size > 1`` every rank scores its images against all texts (gathered with gradient), positives on
+    its own diagonal: the same loss and gradients as open_clip's exchanges (``dist_impl`` is accepted; all four
+    give one result).
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl=None,
+                 backend: str = "auto"):
+        super().__init__()
+        if (dist_impl or "bidir") not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl must be one of bidir, shift, reduce, gather; got {dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl, self.backend = dist_impl or "bidir", backend
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        if self.world_size > 1:
+            from . import distributed as D
+            from torch.distributed.nn.functional import all_gather
+
+            n = image_features.shape[0]
+            D.check_equal_local_batches(n)
+            all_txt = torch.cat(all_gather(text_features))
+            labels = torch.arange(n, device=image_features.device) + n * self.rank
+            loss = Fn.siglip_loss(image_features, all_txt, logit_scale, logit_bias, labels=labels,
+                                  backend=self.backend)
+        else:
+            loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
 class ObliqueClipLoss(nn.Module):
     """InfoNCE on the oblique multi-token similarity; ``forward(image_tokens (N,K,d), text_tokens (N,K,d))``.
 

@@ -81,6 +81,8 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
              lambda backend, **kw: Fn.oblique_clip_loss(**kw, backend=backend)),
         Case("adaptive_temperature", "infonce", adaptive_make,
              lambda backend, **kw: Fn.adaptive_temperature_clip_loss(**kw, normalize=True, backend=backend)),
+        Case("siglip_loss", "siglip", _clip_inputs(n, m, d),
+             lambda backend, **kw: Fn.siglip_loss(**kw, logit_bias=-2.0, backend=backend)),
         Case("max_margin(sum)", "max_margin", margin_make,
              lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, backend=backend)),
         Case("max_margin(hardest)", "max_margin", margin_make,

@@ -39,12 +39,25 @@ def _worker(rank, world, init_file, out_dir, mode, uneven):
         result = {}
         if mode == "ring":
             loss = fc.ClipLoss(rank=rank, world_size=world, mode="ring")(x, y, t.exp())
+        elif isinstance(mode, str) and mode.startswith("siglip"):
+            b = torch.tensor(-5.0, requires_grad=True)
+            impl = mode.split(":")[1]
+            loss = fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(x, y, t.exp(), b)
+            import sys
+            sys.path.insert(0, os.path.dirname(__file__))
+            oc = _load_open_clip()
+            if oc is not None:
+                x2, y2 = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+                t2, b2 = torch.tensor(2.3, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+                l2 = oc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(x2, y2, t2.exp(), b2)
+                l2.backward()
+                result.update(oc_loss=l2.detach(), oc_dx=x2.grad, oc_dy=y2.grad, oc_dt=t2.grad)
         else:
             local, with_grad = mode
             loss = fc.ClipLoss(local_loss=local, gather_with_grad=with_grad, rank=rank, world_size=world)(x, y, t.exp())
         loss.backward()
         result.update(loss=loss.detach(), dx=x.grad, dy=y.grad, dt=t.grad)
-        if mode != "ring":
+        if isinstance(mode, tuple):
             import sys
             sys.path.insert(0, os.path.dirname(__file__))
             oc = _load_open_clip()
@@ -59,6 +72,7 @@ def _worker(rank, world, init_file, out_dir, mode, uneven):
     except ValueError as e:
         torch.save({"error": str(e)}, os.path.join(out_dir, f"r{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears down gloo while a peer's send is still in flight
         dist.destroy_process_group()
 
 
@@ -112,3 +126,14 @@ def test_uneven_local_batches_rejected(mode):
     results = _run(2, mode, uneven=True)
     for res in results:
         assert "error" in res and "local batches differ across ranks" in res["error"], res
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("impl", ["bidir", "shift", "gather"])
+def test_siglip_distributed_equals_open_clip(world, impl):
+    results = _run(world, f"siglip:{impl}")
+    if "oc_loss" not in results[0]:
+        pytest.skip("open-clip-torch is not installed")
+    for r, res in enumerate(results):
+        for k in ("loss", "dx", "dy", "dt"):
+            assert torch.allclose(res[k], res["oc_" + k], rtol=1e-5, atol=1e-6), (r, k, res[k], res["oc_" + k])

@@ -2,4 +2,4 @@
 
 Importing this package registers every implementation with :mod:`fastcontrast.dispatch`.
 """
-from . import adaptive, codebook, infonce, oblique  # noqa: F401
+from . import adaptive, codebook, infonce, oblique, siglip  # noqa: F401
