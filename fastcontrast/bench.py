@@ -186,7 +186,7 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
             n = image_features.shape[0]
             s = logit_scale.expand(n)
             return infonce_fused(image_features, text_features, s, s, None,
-                                 torch.arange(n, device=image_features.device), False, 1)
+                                 torch.arange(n, device=image_features.device), False, 1, "torch")
 
         out["fastcontrast[torch-tiles]"] = tiles
     out["reference (eager)"] = loss_fn(op, "reference")

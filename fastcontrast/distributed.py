@@ -90,7 +90,7 @@ class _RingInfoNCE(torch.autograd.Function):
         lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
         blk, col = y, torch.full((n,), float("-inf"), dtype=acc, device=x.device)
         for step in range(world):
-            lr, lc = _lse_pair_impl(x, blk, a, a, b, False, 1)
+            lr, lc = _lse_pair_impl(x, blk, a, a, b, False, 1, "auto")
             lse_r = torch.logaddexp(lse_r, lr.to(acc))
             col = torch.logaddexp(col, lc.to(acc))
             if step < world - 1:

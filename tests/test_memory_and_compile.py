@@ -23,7 +23,7 @@ def _step(loss_fn, n, d=32):
 def _fused_torch_tiles(x, y, s):
     # the blockwise PyTorch tiling behind the custom op (what runs where Triton cannot)
     n = x.shape[0]
-    return fn.infonce_fused(x, y, s.expand(n), s.expand(n), None, torch.arange(n), True, 1)
+    return fn.infonce_fused(x, y, s.expand(n), s.expand(n), None, torch.arange(n), True, 1, "torch")
 
 
 def _reference(x, y, s):
@@ -65,7 +65,7 @@ def test_blockwise_custom_op_gradcheck(small_blocks):
     c = (torch.rand(67, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     for normalize, tokens in ((False, 1), (True, 2)):
-        assert torch.autograd.gradcheck(lambda *t: fn.lse_pair(*t, normalize, tokens), (x, y, a, c, b))
+        assert torch.autograd.gradcheck(lambda *t: fn.lse_pair(*t, normalize, tokens, "torch"), (x, y, a, c, b))
 
 
 def test_torch_compile_fullgraph_training_step():

@@ -57,9 +57,9 @@ def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float,
     col_scale = torch.full((k,), 1.0 / tau, device=z.device, dtype=acc)
     zero = torch.zeros((), device=z.device, dtype=acc)
     if normalize_features == normalize_codes:  # normalisation fused in the kernel (fp32 per-token norms)
-        lse, _ = lse_pair(z, codebook.to(z.dtype), inv_tau, col_scale, zero, normalize_features, 1)
+        lse, _ = lse_pair(z, codebook.to(z.dtype), inv_tau, col_scale, zero, normalize_features, 1, "triton")
     else:  # kernel operands: the normalised copies, in the input dtype (tensor cores)
-        lse, _ = lse_pair(zh.to(z.dtype), ch.to(z.dtype), inv_tau, col_scale, zero, False, 1)
+        lse, _ = lse_pair(zh.to(z.dtype), ch.to(z.dtype), inv_tau, col_scale, zero, False, 1, "triton")
     q = q.to(acc)
     target = (zh * (q @ ch)).sum(dim=1) / tau  # Σ_k Q_ik ⟨ẑ_i, ĉ_k⟩/τ as one GEMM and a row dot
     return (q.sum(dim=1) * lse - target).mean()

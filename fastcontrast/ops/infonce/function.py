@@ -8,11 +8,13 @@ without a graph break.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ... import _ext
 from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register
 from .. import _tiles as T
@@ -148,36 +150,69 @@ def _torch_fwd(x, y, a, c, bias, normalize, tokens):
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
+def _choose(impl: str, x: Tensor) -> str:
+    """Which implementation runs: the one asked for when it can, else the blockwise PyTorch tiles."""
+    if impl in ("triton", "auto") and _triton_ok(x):
+        return "triton"
+    if impl in ("cpu", "auto") and x.device.type == "cpu" and _ext._C is not None:
+        return "cpu"
+    return "torch"
+
+
+def _cpu_operands(x, y, a, c, bias, normalize, tokens):
+    # the C++ kernels take dense fp32/fp64 operands; normalisation is this prologue (Jacobian in backward)
+    acc = T.acc_dtype(x)
+    xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc).contiguous()
+    yh = _apply_tokens(y, inv_token_norms(y, tokens)) if normalize else y.to(acc).contiguous()
+    return xh.contiguous(), yh.contiguous(), a.to(acc).contiguous(), c.to(acc).contiguous(), float(bias)
+
+
 @torch.library.custom_op("fastcontrast::lse_pair", mutates_args=())
-def lse_pair(x: Tensor, y: Tensor, a: Tensor, c: Tensor, bias: Tensor, normalize: bool, tokens: int
-             ) -> Tuple[Tensor, Tensor]:
-    """(lse_row (N,), lse_col (M,)) of a·S + b over columns and c·S + b over rows; S = x̂ŷᵀ, never materialised."""
-    return _lse_pair_impl(x, y, a, c, bias, normalize, tokens)
+def lse_pair(x: Tensor, y: Tensor, a: Tensor, c: Tensor, bias: Tensor, normalize: bool, tokens: int,
+             impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(lse_row (N,), lse_col (M,)) of a·S + b over columns and c·S + b over rows; S = x̂ŷᵀ, never materialised.
+
+    ``impl``: "triton", "cpu" (the C++ extension) or "auto"; whatever cannot run falls back to PyTorch tiles.
+    """
+    return _lse_pair_impl(x, y, a, c, bias, normalize, tokens, impl)
 
 
-def _lse_pair_impl(x, y, a, c, bias, normalize, tokens):
-    if _triton_ok(x):
+def _lse_pair_impl(x, y, a, c, bias, normalize, tokens, impl="auto"):
+    which = _choose(impl, x)
+    if which == "triton":
         return _triton_fwd(x, y, a, c, bias, normalize, tokens)
+    if which == "cpu":
+        xh, yh, a_, c_, b_ = _cpu_operands(x, y, a, c, bias, normalize, tokens)
+        lr, lc = _ext._C.lse_pair_cpu_forward(xh, yh, a_, c_, b_, T.BLOCK_BYTES)
+        return lr, lc
     return _torch_fwd(x, y, a, c, bias, normalize, tokens)
 
 
 @lse_pair.register_fake
-def _(x, y, a, c, bias, normalize, tokens):
+def _(x, y, a, c, bias, normalize, tokens, impl="auto"):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(y.shape[0], dtype=acc)
 
 
 @torch.library.custom_op("fastcontrast::lse_pair_backward", mutates_args=())
 def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tensor, bias: Tensor,
-                      lse_r: Tensor, lse_c: Tensor, normalize: bool, tokens: int
+                      lse_r: Tensor, lse_c: Tensor, normalize: bool, tokens: int, impl: str = "auto"
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, da, dc): gradients of Σ g_r·lse_row + Σ g_c·lse_col, the normalisation's Jacobian included."""
-    return _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens)
+    return _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl)
 
 
-def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
-    dxh, dyh, da, dc = _lse_backward_slabs(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens,
-                                           use_triton=_triton_ok(x))
+def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
+    which = _choose(impl, x)
+    if which == "cpu":
+        xh, yh, a_, c_, b_ = _cpu_operands(x, y, a, c, bias, normalize, tokens)
+        acc = xh.dtype
+        dxh, dyh, da, dc = _ext._C.lse_pair_cpu_backward(
+            g_r.to(acc).contiguous(), g_c.to(acc).contiguous(), xh, yh, a_, c_, b_, lse_r.to(acc), lse_c.to(acc),
+            T.BLOCK_BYTES)
+    else:
+        dxh, dyh, da, dc = _lse_backward_slabs(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens,
+                                               use_triton=which == "triton")
     if normalize:
         dxh = token_norm_backward(x, inv_token_norms(x, tokens), dxh)
         dyh = token_norm_backward(y, inv_token_norms(y, tokens), dyh)
@@ -185,23 +220,24 @@ def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize,
 
 
 @lse_pair_backward.register_fake
-def _(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens):
+def _(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(c)
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, a, c, bias, normalize, tokens = inputs
+    x, y, a, c, bias, normalize, tokens, impl = inputs
     ctx.save_for_backward(x, y, a, c, bias, *output)
-    ctx.normalize, ctx.tokens = normalize, tokens
+    ctx.normalize, ctx.tokens, ctx.impl = normalize, tokens, impl
 
 
 def _backward(ctx, g_r, g_c):
     x, y, a, c, bias, lse_r, lse_c = ctx.saved_tensors
     g_r = torch.zeros_like(lse_r) if g_r is None else g_r
     g_c = torch.zeros_like(lse_c) if g_c is None else g_c
-    dx, dy, da, dc = lse_pair_backward(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, ctx.normalize, ctx.tokens)
+    dx, dy, da, dc = lse_pair_backward(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, ctx.normalize, ctx.tokens,
+                                       ctx.impl)
     dbias = (g_r.sum() + g_c.sum()).to(bias.dtype).reshape(bias.shape)  # Σ_j P_ij = 1 per row and column
-    return dx, dy, da, dc, dbias, None, None
+    return dx, dy, da, dc, dbias, None, None, None
 
 
 lse_pair.register_autograd(_backward, setup_context=_setup_context)
@@ -213,7 +249,7 @@ OPAQUE_IMPLS[torch.ops.fastcontrast.lse_pair_backward.default] = _lse_pair_backw
 
 # ---------------------------------------------------------------------------------------------- the InfoNCE
 def infonce_fused(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Optional[Tensor],
-                  labels: Tensor, normalize: bool, tokens: int) -> Tensor:
+                  labels: Tensor, normalize: bool, tokens: int, impl: str = "auto") -> Tensor:
     """InfoNCE through ``lse_pair``: ½ mean_i[(lse_row_i − a_i s_i − b) + (lse_col_{p(i)} − c_{p(i)} s_i − b)].
 
     The positive similarity s_i = ⟨x̂_i, ŷ_{p(i)}⟩ is an O(N·D) row-wise dot, left to autograd.
@@ -221,7 +257,7 @@ def infonce_fused(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bi
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     b = torch.zeros((), device=x.device, dtype=acc) if bias is None else bias.to(acc)
     a, c = row_scale.to(acc), col_scale.to(acc)
-    lse_r, lse_c = lse_pair(x, y, a, c, b, normalize, tokens)
+    lse_r, lse_c = lse_pair(x, y, a, c, b, normalize, tokens, impl)
     xf, yp = x.to(acc), y[labels].to(acc)
     if normalize:
         xf, yp = _apply_tokens(x, inv_token_norms(x, tokens)), _apply_tokens(y[labels], inv_token_norms(y[labels], tokens))
@@ -231,12 +267,13 @@ def infonce_fused(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bi
     return 0.5 * (i2t.mean() + t2i.mean())
 
 
-def ce_rows_fused(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], labels: Tensor) -> Tensor:
+def ce_rows_fused(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], labels: Tensor,
+                  impl: str = "auto") -> Tensor:
     """mean_i [lse_j(s·⟨a_i, b_j⟩ + bias) − s·⟨a_i, b_{l_i}⟩ − bias] through ``lse_pair`` (row statistics)."""
     acc = T.acc_dtype(a)
     bb = torch.zeros((), device=a.device, dtype=acc) if bias is None else bias.to(acc)
     s = scale.to(acc)
-    lse_r, _ = lse_pair(a, b, s.expand(a.shape[0]), s.expand(b.shape[0]), bb, False, 1)
+    lse_r, _ = lse_pair(a, b, s.expand(a.shape[0]), s.expand(b.shape[0]), bb, False, 1, impl)
     pos = (a.to(acc) * b[labels].to(acc)).sum(dim=1)
     return (lse_r - s * pos - bb).mean()
 
@@ -244,5 +281,9 @@ def ce_rows_fused(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], l
 if _TRITON_IMPORT_ERROR is None:
     import triton  # noqa: E402  (only for cdiv in the launchers)
 
-    register("infonce", "triton")(infonce_fused)
-    register("ce_rows", "triton")(ce_rows_fused)
+    register("infonce", "triton")(functools.partial(infonce_fused, impl="triton"))
+    register("ce_rows", "triton")(functools.partial(ce_rows_fused, impl="triton"))
+
+# backend "cpu": the same op with the C++ kernels of csrc/ (the dispatcher offers it only when they are built)
+register("infonce", "cpu")(functools.partial(infonce_fused, impl="cpu"))
+register("ce_rows", "cpu")(functools.partial(ce_rows_fused, impl="cpu"))
