@@ -23,7 +23,7 @@ def _ext_modules():
     if want == "0":
         _notice("FASTCONTRAST_BUILD_EXT=0: skipping the C++/CUDA extension (pure-Python install)")
         return [], {}
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cpp = sorted(p for p in glob.glob(os.path.join("csrc", "*.cpp")) if not p.endswith("cuda_binding.cpp"))
     if not cpp:
         return [], {}
     try:
@@ -44,7 +44,7 @@ def _ext_modules():
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         ext = CUDAExtension(
-            "fastcontrast._C", cpp + cu,
+            "fastcontrast._C", cpp + [os.path.join("csrc", "cuda_binding.cpp")] + cu,
             define_macros=[("FASTCONTRAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],

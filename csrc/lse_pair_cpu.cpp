@@ -3,6 +3,9 @@
 // S_blk = X_blk·Yᵀ through BLAS (at::mm), then fused, vectorisable passes over the R×M block; the column
 // statistics are merged online across blocks. Memory: one R×M block, never N×M.
 //
+// (The file name says CPU; it also holds the module definition, which registers the CUDA entry points when
+// setup.py compiles csrc/cuda_binding.cpp and lse_pair_cuda.cu with -DFASTCONTRAST_WITH_CUDA.)
+//
 // Normalisation is a prologue in Python (normalised fp32 copies, O(N·D)) with its Jacobian applied there: the
 // block products dominate on a CPU, and BLAS wants plain dense operands.
 #include <torch/extension.h>
@@ -208,6 +211,13 @@ std::vector<at::Tensor> lse_pair_cpu_backward(at::Tensor g_r, at::Tensor g_c, at
   return {dx, dy, da, dc};
 }
 
+#ifdef FASTCONTRAST_WITH_CUDA
+std::vector<at::Tensor> lse_pair_cuda_forward(at::Tensor x, at::Tensor y, at::Tensor a, at::Tensor c, double bias);
+std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, at::Tensor x, at::Tensor y,
+                                               at::Tensor a, at::Tensor c, double bias, at::Tensor lse_r,
+                                               at::Tensor lse_c, int64_t budget_bytes);
+#endif
+
 bool has_cuda() {
 #ifdef FASTCONTRAST_WITH_CUDA
   return true;
@@ -221,4 +231,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_pair_cpu_forward", &lse_pair_cpu_forward, "pairwise row/column log-sum-exp, tiled (CPU)");
   m.def("lse_pair_cpu_backward", &lse_pair_cpu_backward, "its backward, tiled (CPU)");
   m.def("has_cuda", &has_cuda, "whether CUDA kernels were compiled in");
+#ifdef FASTCONTRAST_WITH_CUDA
+  m.def("lse_pair_cuda_forward", &lse_pair_cuda_forward, "pairwise row/column log-sum-exp, tiled (CUDA, WMMA)");
+  m.def("lse_pair_cuda_backward", &lse_pair_cuda_backward, "its backward: G slabs + cuBLAS GEMMs (CUDA)");
+#endif
 }

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import os
+
 try:  # built by setup.py when a compiler is present; absent in a pure-Python install
     from . import _C  # type: ignore[attr-defined]
 
@@ -10,6 +12,30 @@ try:  # built by setup.py when a compiler is present; absent in a pure-Python in
 except Exception as e:  # noqa: BLE001 - any failure means "not built", and we say which
     _C = None
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _jit_load():
+    """FASTCONTRAST_JIT=1: build csrc/ now with torch.utils.cpp_extension.load (a source checkout on a GPU machine
+    whose torch differs from the one the wheel was built against)."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "csrc")
+    cuda = torch.cuda.is_available() and torch.version.cuda is not None
+    files = [os.path.join(src, "lse_pair_cpu.cpp")]
+    if cuda:
+        files += [os.path.join(src, "cuda_binding.cpp"), os.path.join(src, "lse_pair_cuda.cu")]
+    return load(name="fastcontrast_C_jit", sources=files, extra_cflags=["-O3", "-fopenmp"]
+                + (["-DFASTCONTRAST_WITH_CUDA=1"] if cuda else []), extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3", "--use_fast_math", "-DFASTCONTRAST_WITH_CUDA=1"], with_cuda=cuda,
+                verbose=False)
+
+
+if os.environ.get("FASTCONTRAST_JIT", "0") == "1" and (_C is None or not _C.has_cuda()):
+    try:
+        _C, IMPORT_ERROR = _jit_load(), None
+    except Exception as e:  # noqa: BLE001
+        IMPORT_ERROR = f"JIT build failed: {type(e).__name__}: {e}"
 
 
 def cpu_unavailable_reason() -> Optional[str]:

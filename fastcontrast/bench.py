@@ -175,9 +175,11 @@ def bytes_floor(op: str, n: int, d: int, elt: int) -> float:
 def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[str, Callable]:
     """name -> loss(**inputs) for every implementation of ``op`` available on ``dev``, baselines included."""
     out: Dict[str, Callable] = {}
-    fused, _ = resolve(_DISPATCH_OP[op], "auto", dev)
-    if fused != "reference":
-        out[f"fastcontrast[{fused}]"] = loss_fn(op, fused)
+    from .dispatch import available_backends
+
+    for fused in available_backends(_DISPATCH_OP[op], dev):  # every fast backend that runs here, auto's first
+        if fused != "reference" and not (fused == "triton" and dev.type == "cpu"):
+            out[f"fastcontrast[{fused}]"] = loss_fn(op, fused)
     if op == "clip" and dev.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
         # the blockwise PyTorch tiles behind the custom op: what runs on CPU without the C++ extension
         from .ops.infonce.function import infonce_fused

@@ -154,6 +154,8 @@ def _choose(impl: str, x: Tensor) -> str:
     """Which implementation runs: the one asked for when it can, else the blockwise PyTorch tiles."""
     if impl in ("triton", "auto") and _triton_ok(x):
         return "triton"
+    if impl == "cuda" and x.device.type == "cuda" and _ext.cuda_unavailable_reason() is None:
+        return "cuda"
     if impl in ("cpu", "auto") and x.device.type == "cpu" and _ext._C is not None:
         return "cpu"
     return "torch"
@@ -165,6 +167,14 @@ def _cpu_operands(x, y, a, c, bias, normalize, tokens):
     xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc).contiguous()
     yh = _apply_tokens(y, inv_token_norms(y, tokens)) if normalize else y.to(acc).contiguous()
     return xh.contiguous(), yh.contiguous(), a.to(acc).contiguous(), c.to(acc).contiguous(), float(bias)
+
+
+def _cuda_operands(x, y, normalize, tokens):
+    # the CUDA kernels take dense operands in the input dtype (tensor cores); normalisation is this prologue
+    if not normalize:
+        return x.contiguous(), y.contiguous()
+    return (_apply_tokens(x, inv_token_norms(x, tokens)).to(x.dtype).contiguous(),
+            _apply_tokens(y, inv_token_norms(y, tokens)).to(y.dtype).contiguous())
 
 
 @torch.library.custom_op("fastcontrast::lse_pair", mutates_args=())
@@ -185,6 +195,9 @@ def _lse_pair_impl(x, y, a, c, bias, normalize, tokens, impl="auto"):
         xh, yh, a_, c_, b_ = _cpu_operands(x, y, a, c, bias, normalize, tokens)
         lr, lc = _ext._C.lse_pair_cpu_forward(xh, yh, a_, c_, b_, T.BLOCK_BYTES)
         return lr, lc
+    if which == "cuda":
+        xh, yh = _cuda_operands(x, y, normalize, tokens)
+        return tuple(_ext._C.lse_pair_cuda_forward(xh, yh, a.float(), c.float(), float(bias)))
     return _torch_fwd(x, y, a, c, bias, normalize, tokens)
 
 
@@ -204,7 +217,11 @@ def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor,
 
 def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
     which = _choose(impl, x)
-    if which == "cpu":
+    if which == "cuda":
+        xh, yh = _cuda_operands(x, y, normalize, tokens)
+        dxh, dyh, da, dc = _ext._C.lse_pair_cuda_backward(g_r, g_c, xh, yh, a, c, float(bias), lse_r, lse_c,
+                                                          T.BLOCK_BYTES)
+    elif which == "cpu":
         xh, yh, a_, c_, b_ = _cpu_operands(x, y, a, c, bias, normalize, tokens)
         acc = xh.dtype
         dxh, dyh, da, dc = _ext._C.lse_pair_cpu_backward(
@@ -284,6 +301,7 @@ if _TRITON_IMPORT_ERROR is None:
     register("infonce", "triton")(functools.partial(infonce_fused, impl="triton"))
     register("ce_rows", "triton")(functools.partial(ce_rows_fused, impl="triton"))
 
-# backend "cpu": the same op with the C++ kernels of csrc/ (the dispatcher offers it only when they are built)
-register("infonce", "cpu")(functools.partial(infonce_fused, impl="cpu"))
-register("ce_rows", "cpu")(functools.partial(ce_rows_fused, impl="cpu"))
+# backends "cpu" and "cuda": the same op on the C++/CUDA kernels of csrc/ (offered only when they are built)
+for _b in ("cpu", "cuda"):
+    register("infonce", _b)(functools.partial(infonce_fused, impl=_b))
+    register("ce_rows", _b)(functools.partial(ce_rows_fused, impl=_b))

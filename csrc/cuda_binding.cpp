@@ -1,0 +1,80 @@
+// PyTorch binding of the CUDA kernels (lse_pair_cuda.cu). Compiled only with a CUDA build of torch
+// (setup.py, or the JIT loader in fastcontrast/_ext.py on a GPU machine).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+#include "lse_pair_cuda.h"
+
+namespace {
+
+fastcontrast::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fastcontrast::DType::kFloat;
+    case at::kHalf: return fastcontrast::DType::kHalf;
+    case at::kBFloat16: return fastcontrast::DType::kBFloat16;
+    default: TORCH_CHECK(false, "fastcontrast CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return fastcontrast::DType::kFloat;
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D CUDA tensor");
+}
+
+void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fastcontrast CUDA kernel failed: ", cudaGetErrorString(e)); }
+
+}  // namespace
+
+std::vector<at::Tensor> lse_pair_cuda_forward(at::Tensor x, at::Tensor y, at::Tensor a, at::Tensor c, double bias) {
+  check(x, "x");
+  check(y, "y");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must share a dtype");
+  a = a.to(at::kFloat).contiguous();
+  c = c.to(at::kFloat).contiguous();
+  auto lse_r = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  auto lse_c = at::empty({y.size(0)}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto dt = dtype_of(x);
+  ok(fastcontrast::launch_lse_rows(dt, x.data_ptr(), y.data_ptr(), a.data_ptr<float>(), static_cast<float>(bias),
+                                   lse_r.data_ptr<float>(), x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0),
+                                   stream));
+  ok(fastcontrast::launch_lse_rows(dt, y.data_ptr(), x.data_ptr(), c.data_ptr<float>(), static_cast<float>(bias),
+                                   lse_c.data_ptr<float>(), y.size(0), x.size(0), x.size(1), y.stride(0), x.stride(0),
+                                   stream));
+  return {lse_r, lse_c};
+}
+
+// Gradients w.r.t. x̂, ŷ (fp32) and the scales: G one slab of R rows at a time, then two cuBLAS GEMMs.
+std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, at::Tensor x, at::Tensor y,
+                                               at::Tensor a, at::Tensor c, double bias, at::Tensor lse_r,
+                                               at::Tensor lse_c, int64_t budget_bytes) {
+  check(x, "x");
+  check(y, "y");
+  const int64_t n = x.size(0), m = y.size(0);
+  auto f = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  g_r = f(g_r), g_c = f(g_c), a = f(a), c = f(c), lse_r = f(lse_r), lse_c = f(lse_c);
+  // σ keeps |σ·G| <= 2 for fp16 slabs (P, Q <= 1); computed on the device, no host sync
+  auto sigma = at::reciprocal(at::maximum((g_r * a).abs().max(), (g_c * c).abs().max()).clamp_min(1e-30)).reshape({1});
+  int64_t rows = budget_bytes / (static_cast<int64_t>(x.element_size()) * std::max<int64_t>(m, 1));
+  rows = std::max<int64_t>(1, std::min<int64_t>(rows >= 64 ? rows / 64 * 64 : rows, (n + 1) / 2));
+  auto slab = at::empty({std::min(rows, n), m}, x.options());
+  auto dx = at::empty({n, x.size(1)}, x.options().dtype(at::kFloat));
+  auto dy = at::zeros({m, x.size(1)}, x.options().dtype(at::kFloat));
+  auto da = at::zeros({n}, x.options().dtype(at::kFloat));
+  auto dc = at::zeros({m}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t rc = std::min(rows, n - r0);
+    ok(fastcontrast::launch_grad_tile(dtype_of(x), x.data_ptr(), y.data_ptr(), a.data_ptr<float>(), c.data_ptr<float>(),
+                                      static_cast<float>(bias), lse_r.data_ptr<float>(), lse_c.data_ptr<float>(),
+                                      g_r.data_ptr<float>(), g_c.data_ptr<float>(), sigma.data_ptr<float>(),
+                                      slab.data_ptr(), da.data_ptr<float>(), dc.data_ptr<float>(), r0, rc, m, x.size(1),
+                                      x.stride(0), y.stride(0), slab.stride(0), stream));
+    auto g = slab.narrow(0, 0, rc);
+    dx.narrow(0, r0, rc).copy_(at::mm(g, y));
+    dy.add_(at::mm(g.t(), x.narrow(0, r0, rc)));
+  }
+  return {dx / sigma, dy / sigma, da, dc};
+}
