@@ -29,7 +29,7 @@ def main():
     b = torch.zeros((), device=dev)
     g = torch.full((n,), 1.0 / n, device=dev)
     unit = 2 * n * n * d
-    print(f"| kernel | BM | BN | BK | BDO | warps | stages | ms | TFLOP/s (executed) |")
+    print("| kernel | BM | BN | BK | BDO | warps | stages | ms | TFLOP/s (executed) |")
     print("|---|---|---|---|---|---|---|---|---|")
     lse = fn._triton_fwd(x, y, s, s, b, False, 1)
     fwd_cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)

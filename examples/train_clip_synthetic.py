@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -53,14 +51,10 @@ def batches(steps, batch, seed=0):
 
 
 def open_clip_loss():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    s = importlib.util.spec_from_file_location("_oc_loss", os.path.join(list(spec.submodule_search_locations)[0],
-                                                                       "loss.py"))
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)  # loss.py needs only torch (the package __init__ would need torchvision)
-    return mod.ClipLoss()
+    from fastcontrast._compat import open_clip_loss_module
+
+    mod = open_clip_loss_module()  # loss.py only: the package __init__ would need torchvision
+    return None if mod is None else mod.ClipLoss()
 
 
 def train(model, loss_fn, steps, batch, log_every=20, name=""):

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference baseline")
     b.add_argument("--reps", type=int, default=7)
+    b.add_argument("--impls", default=None, help="comma-separated substrings: keep only matching implementations "
+                   "(e.g. 'cpu,eager,compiled')")
     b.add_argument("--out", default="benchmarks/out", help="folder for bench.csv, bench.md, bench.png")
     args = p.parse_args(argv)
     cmd = args.cmd or "validate"
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         sizes = [int(v) for v in (args.sizes or ("4096,16384,65536" if gpu else "512,1024,2048")).split(",")]
         dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
         run(sizes, args.dim or (768 if gpu else 256), dtype, dev, out_dir=args.out, with_compile=not args.no_compile,
-            reps=args.reps, ops=tuple(args.ops.split(",")))
+            reps=args.reps, ops=tuple(args.ops.split(",")), impls=args.impls.split(",") if args.impls else None)
         return 0
     from .validate import run_validation
     dtypes = [getattr(torch, d) for d in (getattr(args, "dtype", None) or ["float32", "bfloat16"])]

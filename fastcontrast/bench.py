@@ -11,7 +11,6 @@ Baselines, each measured in the same run on the same inputs: the eager reference
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import statistics
 import sys
@@ -21,7 +20,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import functional as Fn
-from .dispatch import resolve
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -92,14 +90,10 @@ def copy_gbps(dev: torch.device) -> float:
 
 # ------------------------------------------------------------------------------------------------ candidates
 def _open_clip_loss():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    s = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    return mod.ClipLoss()
+    from ._compat import open_clip_loss_module
+
+    mod = open_clip_loss_module()
+    return None if mod is None else mod.ClipLoss()
 
 
 def _inf_cl():
@@ -208,13 +202,14 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
 
 # ------------------------------------------------------------------------------------------------ the sweep
 def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_dir: Optional[str] = None,
-        with_compile: bool = True, reps: int = 7, ops=OPS, log=print):
+        with_compile: bool = True, reps: int = 7, ops=OPS, impls: Optional[List[str]] = None, log=print):
     peak = matmul_tflops(dev, dtype)
     bw = copy_gbps(dev)
     log(f"# device: {_device_name(dev)}; dtype {str(dtype).replace('torch.', '')}; d = {dim}; "
         f"measured matmul {peak:.1f} TFLOP/s, copy {bw:.0f} GB/s (read + write)")
     rows = []
-    work = [(op, n, name) for op in ops for n in sizes for name in candidates(op, dev, with_compile)]  # lazy
+    work = [(op, n, name) for op in ops for n in sizes for name in candidates(op, dev, with_compile)  # lazy
+            if not impls or any(k in name for k in impls)]
     try:
         from tqdm import tqdm  # progress bar when available
         it = tqdm(work, file=sys.stderr, leave=False)

@@ -24,6 +24,12 @@ def _bias(logit_bias, like):
     return V.as_scalar_tensor("logit_bias", logit_bias, like, positive=False)
 
 
+def _check_image_text(image_features, text_features):
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+
+
 def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend):
     _, impl = resolve("infonce", backend, x.device)
     return impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens)
@@ -44,9 +50,7 @@ def clip_loss(
     ``logit_scale.exp()``); labels (N,) give each image's positive text (default: the diagonal, N == M).
     ``normalize=True`` L2-normalises the features inside, gradient included. Returns a 0-d float32 loss.
     """
-    V.check_features("image_features", image_features, 2)
-    V.check_features("text_features", text_features, 2)
-    V.check_pair("image_features", image_features, "text_features", text_features)
+    _check_image_text(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = _bias(logit_bias, image_features)
@@ -69,9 +73,7 @@ def siglip_loss(
     image_features (N, D), text_features (M, D); labels default to the diagonal; ``negative_only`` makes every
     pair a negative (open_clip's term for another rank's texts). Matches ``open_clip.loss.SigLipLoss``.
     """
-    V.check_features("image_features", image_features, 2)
-    V.check_features("text_features", text_features, 2)
-    V.check_pair("image_features", image_features, "text_features", text_features)
+    _check_image_text(image_features, text_features)
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = _bias(logit_bias, image_features)
     n, m = image_features.shape[0], text_features.shape[0]
@@ -149,9 +151,7 @@ def adaptive_temperature_clip_loss(
     tau_image: scalar or (N,); tau_text: scalar or (M,) (default: tau_image when it is a scalar, else the image
     temperature of each text's positive is not defined, so it is required). Tensors that require grad get dτ.
     """
-    V.check_features("image_features", image_features, 2)
-    V.check_features("text_features", text_features, 2)
-    V.check_pair("image_features", image_features, "text_features", text_features)
+    _check_image_text(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
     if tau_text is None:
         if isinstance(tau_image, torch.Tensor) and tau_image.numel() > 1:
@@ -179,9 +179,7 @@ def max_margin_loss(
     ``hardest=True`` keeps only the hardest negative per direction (VSE++). ``margin`` may come from
     :func:`cosine_schedule`.
     """
-    V.check_features("image_features", image_features, 2)
-    V.check_features("text_features", text_features, 2)
-    V.check_pair("image_features", image_features, "text_features", text_features)
+    _check_image_text(image_features, text_features)
     margin = V.check_positive_float("margin", float(margin) if isinstance(margin, torch.Tensor) else margin,
                                     allow_zero=True)
     labels = V.check_labels(labels, image_features.shape[0], text_features.shape[0], image_features)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcontrast as fc
+from fastcontrast.validate import rel_err
 
 N_LOCAL, D = 6, 16
 
@@ -106,15 +107,24 @@ def test_ring_equals_single_process(world):
     assert torch.allclose(sum(res["dt"] for res in results) / world, dt, rtol=1e-4)
 
 
+def _assert_equal_open_clip(results):
+    """Each rank's loss and gradients equal open_clip's on the same rank, norm-relative at fp32's 1e-5.
+
+    Norm-relative, not element-wise: both sides are fp32 with different summation orders (BLAS blocks vs one
+    matmul), so an element near zero can differ by more than an element-wise rtol allows."""
+    for r, res in enumerate(results):
+        for k in ("loss", "dx", "dy", "dt"):
+            err = rel_err(res[k], res["oc_" + k])
+            assert err <= 1e-5, (r, k, err)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("local_loss,gather_with_grad", [(False, True), (True, True), (False, False), (True, False)])
 def test_gather_modes_equal_open_clip(world, local_loss, gather_with_grad):
     results = _run(world, (local_loss, gather_with_grad))
     if "oc_loss" not in results[0]:
         pytest.skip("open-clip-torch is not installed; ring/single-process equality is still tested")
-    for r, res in enumerate(results):
-        for k in ("loss", "dx", "dy", "dt"):
-            assert torch.allclose(res[k], res["oc_" + k], rtol=1e-5, atol=1e-7), (r, k, res[k], res["oc_" + k])
+    _assert_equal_open_clip(results)
     if gather_with_grad and not local_loss:
         loss, dx, dy, _ = _single_process(world)
         assert torch.allclose(results[0]["loss"], loss, rtol=1e-5)
@@ -134,6 +144,4 @@ def test_siglip_distributed_equals_open_clip(world, impl):
     results = _run(world, f"siglip:{impl}")
     if "oc_loss" not in results[0]:
         pytest.skip("open-clip-torch is not installed")
-    for r, res in enumerate(results):
-        for k in ("loss", "dx", "dy", "dt"):
-            assert torch.allclose(res[k], res["oc_" + k], rtol=1e-5, atol=1e-6), (r, k, res[k], res["oc_" + k])
+    _assert_equal_open_clip(results)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast.validate import Case, default_cases
+from fastcontrast.validate import default_cases
 
 from conftest import assert_matches_reference, backend_param, kernel_device
 

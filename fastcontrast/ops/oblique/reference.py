@@ -15,7 +15,7 @@ def oblique_similarity_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 def oblique_clip_loss_reference(x, y, logit_scale, logit_bias=None, labels=None):
     """InfoNCE (§1) on the oblique similarity: logits = s·S + b."""
-    n, m = x.shape[0], y.shape[0]
+    n = x.shape[0]
     s_ij = oblique_similarity_reference(x, y)
     # Written out here (not via the flattened trick the fast paths use) so the two routes check each other.
     scale = torch.as_tensor(logit_scale, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
