@@ -1,12 +1,17 @@
 """Optional compiled extension fastcontrast._C from csrc/.
 
-Built when torch is importable in the build environment (``pip install --no-build-isolation .``) and a C++
-compiler works; the CUDA part is added when nvcc and a CUDA build of torch are present. Any failure prints one
+Built against the torch of the environment being installed into, whenever a C++ compiler works: with
+``--no-build-isolation`` that torch is importable directly; under pip's default isolated build (which hides the
+environment's site-packages) it is located by asking the same interpreter without pip's isolation, so a plain
+``pip install .`` builds the extension too. torch is not a build requirement on purpose: an isolated build env
+would pull a different (multi-GB, CUDA) torch whose ABI need not match the one the extension is loaded with.
+The CUDA part is added when nvcc and a CUDA build of torch are present. Any failure prints one
 line and falls back to the pure-Python package. Env: FASTCONTRAST_BUILD_EXT=0 skips the extension,
 =1 makes a failed build an error; FASTCONTRAST_BUILD_CUDA=0/1 skips/forces the CUDA part.
 """
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -18,6 +23,25 @@ def _notice(msg):
     print(f"fastcontrast: {msg}", file=sys.stderr)
 
 
+def _import_target_torch():
+    """Import the torch the package will run with; under pip's build isolation, borrow it from the target env."""
+    try:
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    # pip isolates the build with PYTHONPATH (a sitecustomize that drops site-packages) and PYTHONNOUSERSITE; the
+    # same interpreter without them sees the environment we are installing into.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise ImportError("torch is not installed in the target environment")
+    # appended, not prepended: the build env's setuptools must keep precedence over the target env's
+    sys.path.append(out.stdout.strip().splitlines()[-1])
+    import torch  # noqa: F401
+
+
 def _ext_modules():
     want = os.environ.get("FASTCONTRAST_BUILD_EXT", "auto")
     if want == "0":
@@ -27,13 +51,14 @@ def _ext_modules():
     if not cpp:
         return [], {}
     try:
-        import torch  # noqa: F401
+        _import_target_torch()
+        import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except Exception as e:  # noqa: BLE001
         if want == "1":
             raise
-        _notice(f"torch not importable at build time ({type(e).__name__}); skipping the extension "
-                "(use `pip install --no-build-isolation .` to build it)")
+        _notice(f"torch not importable at build time ({type(e).__name__}: {e}); skipping the extension "
+                "(install torch first, then reinstall fastcontrast to build it)")
         return [], {}
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     want_cuda = os.environ.get("FASTCONTRAST_BUILD_CUDA", "auto")
