@@ -65,13 +65,13 @@ def _ext_modules():
     use_cuda = bool(cu) and want_cuda != "0" and CUDA_HOME is not None and torch.version.cuda is not None
     if want_cuda == "1" and not use_cuda:
         raise RuntimeError("FASTCONTRAST_BUILD_CUDA=1 but nvcc or a CUDA build of torch is missing")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # no -std: torch adds the standard its headers need (C++20 for torch 2.13)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         ext = CUDAExtension(
             "fastcontrast._C", cpp + [os.path.join("csrc", "cuda_binding.cpp")] + cu,
             define_macros=[("FASTCONTRAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

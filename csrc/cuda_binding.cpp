@@ -3,9 +3,12 @@
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "lse_pair_cuda.h"
+#include "sinkhorn_cuda.h"
 
 namespace {
 
@@ -77,4 +80,24 @@ std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, a
     dy.add_(at::mm(g.t(), x.narrow(0, r0, rc)));
   }
   return {dx / sigma, dy / sigma, da, dc};
+}
+
+// Sinkhorn on fp32 scores (N, K): the potentials stay on the device; chunks of rows for the column statistics so a
+// small K still gives the GPU enough blocks.
+at::Tensor sinkhorn_cuda(at::Tensor scores, double epsilon, int64_t n_iters) {
+  check(scores, "scores");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, "scores must be float32 for the CUDA Sinkhorn kernel");
+  TORCH_CHECK(epsilon > 0 && n_iters >= 1, "epsilon must be > 0 and n_iters >= 1");
+  const int64_t n = scores.size(0), k = scores.size(1);
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 1024)));
+  auto opts = scores.options();
+  auto q = at::empty({n, k}, opts);
+  auto u = at::zeros({n}, opts);
+  auto v = at::empty({k}, opts);
+  auto work = at::empty({2 * parts * k}, opts);
+  ok(fastcontrast::launch_sinkhorn(scores.data_ptr<float>(), q.data_ptr<float>(), u.data_ptr<float>(),
+                                   v.data_ptr<float>(), work.data_ptr<float>(), n, k, scores.stride(0),
+                                   static_cast<float>(1.0 / epsilon), static_cast<float>(std::log(double(n) / k)),
+                                   static_cast<int>(n_iters), parts, c10::cuda::getCurrentCUDAStream().stream()));
+  return q;
 }

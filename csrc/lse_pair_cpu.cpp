@@ -17,50 +17,11 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
-// exp(x) for x <= 0 (every call here subtracts a running max first), written so that gcc vectorises the loops
-// around it (no libm call): 2^(x·log2 e) = 2^k · p(f), p a degree-6 minimax polynomial on [-0.5, 0.5]
-// (relative error < 2e-7, about one float ulp).
-template <typename T>
-inline T fast_exp(T x) {
-  const T lo = T(-87.0);
-  x = x < lo ? lo : x;
-  const T t = x * T(1.4426950408889634);
-  const T k = std::nearbyint(t);
-  const T f = (t - k) * T(0.6931471805599453);
-  T p = T(1.0 / 720);
-  p = p * f + T(1.0 / 120);
-  p = p * f + T(1.0 / 24);
-  p = p * f + T(1.0 / 6);
-  p = p * f + T(0.5);
-  p = p * f + T(1.0);
-  p = p * f + T(1.0);
-  return std::ldexp(p, static_cast<int>(k));
-}
-
-template <>
-inline float fast_exp<float>(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504f;
-  const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest via 1.5·2^23: SSE2-vectorisable
-  const float f = (t - kf) * 0.69314718f;
-  float p = 1.0f / 720;
-  p = p * f + 1.0f / 120;
-  p = p * f + 1.0f / 24;
-  p = p * f + 1.0f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  // 2^k through the exponent bits: vectorisable, unlike ldexp
-  const int32_t k = static_cast<int32_t>(kf);
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += k << 23;
-  float r;
-  std::memcpy(&r, &bits, sizeof(r));
-  return r;
-}
+using fastcontrast::fast_exp;
 
 int64_t rows_per_block(int64_t n, int64_t m, int64_t budget_bytes, int64_t elt) {
   int64_t r = budget_bytes / (elt * std::max<int64_t>(m, 1));
@@ -216,7 +177,10 @@ std::vector<at::Tensor> lse_pair_cuda_forward(at::Tensor x, at::Tensor y, at::Te
 std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, at::Tensor x, at::Tensor y,
                                                at::Tensor a, at::Tensor c, double bias, at::Tensor lse_r,
                                                at::Tensor lse_c, int64_t budget_bytes);
+at::Tensor sinkhorn_cuda(at::Tensor scores, double epsilon, int64_t n_iters);
 #endif
+
+at::Tensor sinkhorn_cpu(at::Tensor scores, double epsilon, int64_t n_iters);  // sinkhorn_cpu.cpp
 
 bool has_cuda() {
 #ifdef FASTCONTRAST_WITH_CUDA
@@ -230,9 +194,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcontrast C++ kernels (CPU; CUDA when built with nvcc)";
   m.def("lse_pair_cpu_forward", &lse_pair_cpu_forward, "pairwise row/column log-sum-exp, tiled (CPU)");
   m.def("lse_pair_cpu_backward", &lse_pair_cpu_backward, "its backward, tiled (CPU)");
+  m.def("sinkhorn_cpu", &sinkhorn_cpu, "Sinkhorn-Knopp in log space, potential form (CPU)");
   m.def("has_cuda", &has_cuda, "whether CUDA kernels were compiled in");
 #ifdef FASTCONTRAST_WITH_CUDA
   m.def("lse_pair_cuda_forward", &lse_pair_cuda_forward, "pairwise row/column log-sum-exp, tiled (CUDA, WMMA)");
   m.def("lse_pair_cuda_backward", &lse_pair_cuda_backward, "its backward: G slabs + cuBLAS GEMMs (CUDA)");
+  m.def("sinkhorn_cuda", &sinkhorn_cuda, "Sinkhorn-Knopp in log space, potential form (CUDA)");
 #endif
 }

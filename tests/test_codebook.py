@@ -49,6 +49,24 @@ def test_sinkhorn_marginals_and_agreement(backend, n, k):
     assert float((few.double() - ref).norm() / ref.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("backend", [backend_param("sinkhorn", b) for b in FAST])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sinkhorn_sharp_and_dead_code(backend, dtype):
+    """ε = 0.01 on cosine scores (exponents up to ±100) and one code no sample is near (a dead column)."""
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(7)
+    z = torch.nn.functional.normalize(torch.randn(45, 12, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(9, 12, generator=g), dim=1)
+    scores = z @ c.T
+    scores[:, 4] = -1.0  # dead code
+    scores = scores.to(dtype)
+    q = fc.sinkhorn(scores.to(dev), epsilon=0.01, n_iters=5, backend=backend).cpu()
+    ref = fc.sinkhorn(scores.double(), epsilon=0.01, n_iters=5, backend="reference")
+    assert torch.isfinite(q).all()
+    assert float((q.double() - ref).norm() / ref.norm()) < 1e-4
+    assert torch.allclose(q.sum(1).double(), torch.ones(45, dtype=torch.float64), atol=1e-4)
+
+
 def _clusters(seed, steps=300, backend="auto"):
     torch.manual_seed(seed)
     k, d_lat, d_in, d_out, n = 4, 8, 24, 16, 128

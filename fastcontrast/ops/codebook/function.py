@@ -1,5 +1,6 @@
-"""Fused codebook ops: Sinkhorn in potential form (Triton), and the cluster-softmax cross-entropy built on the
-tiled log-sum-exp of the InfoNCE family, so no N×K logits or probabilities are ever materialised.
+"""Fused codebook ops: Sinkhorn in potential form (Triton; C++ on the CPU), and the cluster-softmax cross-entropy
+built on the tiled log-sum-exp of the InfoNCE family (every backend of ``lse_pair``), so no N×K logits or
+probabilities are ever materialised.
 
 Swapped prediction: −mean_i Σ_k Q_ik log softmax_k(ẑ_i·ĉ_k/τ) = mean_i [ (Σ_k Q_ik)·lse_i − ⟨ẑ_i, (QĈ)_i⟩/τ ],
 where lse_i comes from ``fastcontrast::lse_pair`` (tiled, recomputing in backward) and QĈ is one GEMM; the
@@ -7,11 +8,13 @@ targets Q (N×K, no gradient) are the only N×K buffer.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
+from ... import _ext
 from ...dispatch import register
 from .. import _tiles as T
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
@@ -45,8 +48,16 @@ def sinkhorn_fused(scores: Tensor, epsilon: float, n_iters: int) -> Tensor:
     return q
 
 
+@torch.no_grad()
+def sinkhorn_ext(scores: Tensor, epsilon: float, n_iters: int, impl: str) -> Tensor:
+    """The same potentials on the kernels of csrc/ (sinkhorn_cpu.cpp: fp32/fp64; sinkhorn_cuda.cu: fp32)."""
+    keep64 = scores.dtype == torch.float64 and impl == "cpu"
+    s = scores.to(torch.float64 if keep64 else torch.float32).contiguous()
+    return getattr(_ext._C, f"sinkhorn_{impl}")(s, float(epsilon), int(n_iters))
+
+
 def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float, normalize_features: bool = True,
-                             normalize_codes: bool = True) -> Tensor:
+                             normalize_codes: bool = True, impl: str = "triton") -> Tensor:
     """−mean_i Σ_k Q_ik log softmax_k(⟨ẑ_i, ĉ_k⟩/τ) without an N×K logit matrix; gradients to z and codebook."""
     acc = torch.float32
     n, k = z.shape[0], codebook.shape[0]
@@ -57,9 +68,9 @@ def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float,
     col_scale = torch.full((k,), 1.0 / tau, device=z.device, dtype=acc)
     zero = torch.zeros((), device=z.device, dtype=acc)
     if normalize_features == normalize_codes:  # normalisation fused in the kernel (fp32 per-token norms)
-        lse, _ = lse_pair(z, codebook.to(z.dtype), inv_tau, col_scale, zero, normalize_features, 1, "triton")
+        lse, _ = lse_pair(z, codebook.to(z.dtype), inv_tau, col_scale, zero, normalize_features, 1, impl)
     else:  # kernel operands: the normalised copies, in the input dtype (tensor cores)
-        lse, _ = lse_pair(zh.to(z.dtype), ch.to(z.dtype), inv_tau, col_scale, zero, False, 1, "triton")
+        lse, _ = lse_pair(zh.to(z.dtype), ch.to(z.dtype), inv_tau, col_scale, zero, False, 1, impl)
     q = q.to(acc)
     target = (zh * (q @ ch)).sum(dim=1) / tau  # Σ_k Q_ik ⟨ẑ_i, ĉ_k⟩/τ as one GEMM and a row dot
     return (q.sum(dim=1) * lse - target).mean()
@@ -69,4 +80,9 @@ if _TRITON_IMPORT_ERROR is None:
     import triton  # noqa: E402
 
     register("sinkhorn", "triton")(sinkhorn_fused)
-    register("swapped_prediction", "triton")(swapped_prediction_fused)
+    register("swapped_prediction", "triton")(functools.partial(swapped_prediction_fused, impl="triton"))
+
+# the C++ kernels of csrc/ (offered only when the extension is built; the dispatcher says so otherwise)
+for _b in ("cpu", "cuda"):
+    register("sinkhorn", _b)(functools.partial(sinkhorn_ext, impl=_b))
+    register("swapped_prediction", _b)(functools.partial(swapped_prediction_fused, impl=_b))

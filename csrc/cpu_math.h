@@ -1,0 +1,53 @@
+// Shared helpers of the C++ CPU kernels.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fastcontrast {
+
+// exp(x) for x <= 0 (every call here subtracts a running max first), written so that gcc vectorises the loops
+// around it (no libm call): 2^(x·log2 e) = 2^k · p(f), p a degree-6 minimax polynomial on [-0.5, 0.5]
+// (relative error < 2e-7, about one float ulp).
+template <typename T>
+inline T fast_exp(T x) {
+  const T lo = T(-87.0);
+  x = x < lo ? lo : x;
+  const T t = x * T(1.4426950408889634);
+  const T k = std::nearbyint(t);
+  const T f = (t - k) * T(0.6931471805599453);
+  T p = T(1.0 / 720);
+  p = p * f + T(1.0 / 120);
+  p = p * f + T(1.0 / 24);
+  p = p * f + T(1.0 / 6);
+  p = p * f + T(0.5);
+  p = p * f + T(1.0);
+  p = p * f + T(1.0);
+  return std::ldexp(p, static_cast<int>(k));
+}
+
+template <>
+inline float fast_exp<float>(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504f;
+  const float kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest via 1.5·2^23: SSE2-vectorisable
+  const float f = (t - kf) * 0.69314718f;
+  float p = 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  // 2^k through the exponent bits: vectorisable, unlike ldexp
+  const int32_t k = static_cast<int32_t>(kf);
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += k << 23;
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+
+}  // namespace fastcontrast
