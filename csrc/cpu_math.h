@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include <algorithm>
+
 namespace fastcontrast {
 
 // exp(x) for x <= 0 (every call here subtracts a running max first), written so that gcc vectorises the loops
@@ -48,6 +50,14 @@ inline float fast_exp<float>(float x) {
   float r;
   std::memcpy(&r, &bits, sizeof(r));
   return r;
+}
+
+// Rows of one R × m block of `elt`-byte elements within the byte budget, and at most half of n, so an n × m buffer
+// never exists (fastcontrast/ops/_tiles.py: rows_per_block).
+inline int64_t rows_per_block(int64_t n, int64_t m, int64_t budget_bytes, int64_t elt) {
+  int64_t r = budget_bytes / (elt * std::max<int64_t>(m, 1));
+  r = std::max<int64_t>(1, r);
+  return std::max<int64_t>(1, std::min<int64_t>(r, (n + 1) / 2));
 }
 
 }  // namespace fastcontrast

@@ -22,12 +22,7 @@
 namespace {
 
 using fastcontrast::fast_exp;
-
-int64_t rows_per_block(int64_t n, int64_t m, int64_t budget_bytes, int64_t elt) {
-  int64_t r = budget_bytes / (elt * std::max<int64_t>(m, 1));
-  r = std::max<int64_t>(1, r);
-  return std::max<int64_t>(1, std::min<int64_t>(r, (n + 1) / 2));
-}
+using fastcontrast::rows_per_block;
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& y, const T* a, const T* c, T bias, T* lse_r, T* lse_c,
@@ -181,6 +176,10 @@ at::Tensor sinkhorn_cuda(at::Tensor scores, double epsilon, int64_t n_iters);
 #endif
 
 at::Tensor sinkhorn_cpu(at::Tensor scores, double epsilon, int64_t n_iters);  // sinkhorn_cpu.cpp
+std::vector<at::Tensor> soft_ce_cpu_forward(at::Tensor x, at::Tensor y, at::Tensor targets, double scale,
+                                            int64_t budget_bytes);  // soft_ce_cpu.cpp
+std::vector<at::Tensor> soft_ce_cpu_backward(at::Tensor g, at::Tensor x, at::Tensor y, at::Tensor targets,
+                                             double scale, at::Tensor lse, int64_t budget_bytes);
 
 bool has_cuda() {
 #ifdef FASTCONTRAST_WITH_CUDA
@@ -195,6 +194,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_pair_cpu_forward", &lse_pair_cpu_forward, "pairwise row/column log-sum-exp, tiled (CPU)");
   m.def("lse_pair_cpu_backward", &lse_pair_cpu_backward, "its backward, tiled (CPU)");
   m.def("sinkhorn_cpu", &sinkhorn_cpu, "Sinkhorn-Knopp in log space, potential form (CPU)");
+  m.def("soft_ce_cpu_forward", &soft_ce_cpu_forward, "soft-target cross-entropy rows over tiled scores (CPU)");
+  m.def("soft_ce_cpu_backward", &soft_ce_cpu_backward, "its backward (CPU)");
   m.def("has_cuda", &has_cuda, "whether CUDA kernels were compiled in");
 #ifdef FASTCONTRAST_WITH_CUDA
   m.def("lse_pair_cuda_forward", &lse_pair_cuda_forward, "pairwise row/column log-sum-exp, tiled (CUDA, WMMA)");

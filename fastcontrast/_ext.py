@@ -22,7 +22,7 @@ def _jit_load():
 
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "csrc")
     cuda = torch.cuda.is_available() and torch.version.cuda is not None
-    files = [os.path.join(src, f) for f in ("lse_pair_cpu.cpp", "sinkhorn_cpu.cpp")]
+    files = [os.path.join(src, f) for f in ("lse_pair_cpu.cpp", "sinkhorn_cpu.cpp", "soft_ce_cpu.cpp")]
     if cuda:
         files += [os.path.join(src, f) for f in ("cuda_binding.cpp", "lse_pair_cuda.cu", "sinkhorn_cuda.cu")]
     return load(name="fastcontrast_C_jit", sources=files, extra_cflags=["-O3", "-fopenmp"]

@@ -2,14 +2,17 @@
 built on the tiled log-sum-exp of the InfoNCE family (every backend of ``lse_pair``), so no N×K logits or
 probabilities are ever materialised.
 
-Swapped prediction: −mean_i Σ_k Q_ik log softmax_k(ẑ_i·ĉ_k/τ) = mean_i [ (Σ_k Q_ik)·lse_i − ⟨ẑ_i, (QĈ)_i⟩/τ ],
-where lse_i comes from ``fastcontrast::lse_pair`` (tiled, recomputing in backward) and QĈ is one GEMM; the
-targets Q (N×K, no gradient) are the only N×K buffer.
+Swapped prediction: −mean_i Σ_k Q_ik log softmax_k(ẑ_i·ĉ_k/τ) = mean_i [ (Σ_k Q_ik)·lse_i − ⟨ẑ_i, (QĈ)_i⟩/τ ].
+Triton/CUDA: lse_i from ``fastcontrast::lse_pair`` (tiled, recomputing in backward) and QĈ as one GEMM. CPU:
+``fastcontrast::soft_ce_rows``, where the target term rides in the lse pass and in the gradient block G, which
+saves two of the six GEMMs (the CPU is GEMM-bound). The targets Q (N×K, no gradient) are the only N×K buffer.
 """
 from __future__ import annotations
 
 import functools
 import math
+
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -56,14 +59,75 @@ def sinkhorn_ext(scores: Tensor, epsilon: float, n_iters: int, impl: str) -> Ten
     return getattr(_ext._C, f"sinkhorn_{impl}")(s, float(epsilon), int(n_iters))
 
 
+@torch.library.custom_op("fastcontrast::soft_ce_rows", mutates_args=())
+def soft_ce_rows(x: Tensor, y: Tensor, targets: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """(ℓ (N,), lse (N,)) with ℓ_i = −Σ_k T_ik log softmax_k(scale·⟨x_i, y_k⟩): x (N, D), y (K, D), T (N, K), one
+    float dtype. The C++ kernel when built, else the same blocks in PyTorch; never an N×K score matrix."""
+    if x.device.type == "cpu" and _ext._C is not None:
+        return tuple(_ext._C.soft_ce_cpu_forward(x, y, targets, float(scale), T.BLOCK_BYTES))
+    loss, lse = torch.empty_like(x[:, 0]), torch.empty_like(x[:, 0])
+    step = T.rows_per_block(x.shape[0], y.shape[0], x.element_size())
+    for i0 in range(0, x.shape[0], step):
+        s = scale * (x[i0:i0 + step] @ y.T)
+        t = targets[i0:i0 + step]
+        lse[i0:i0 + step] = torch.logsumexp(s, dim=1)
+        loss[i0:i0 + step] = t.sum(1) * lse[i0:i0 + step] - (t * s).sum(1)
+    return loss, lse
+
+
+@soft_ce_rows.register_fake
+def _(x, y, targets, scale):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("fastcontrast::soft_ce_rows_backward", mutates_args=())
+def soft_ce_rows_backward(g: Tensor, x: Tensor, y: Tensor, targets: Tensor, scale: float, lse: Tensor
+                          ) -> Tuple[Tensor, Tensor]:
+    """(dx, dy) of Σ_i g_i ℓ_i: G = g·scale·((Σ_k T_ik)·P − T) one row block at a time, then G·Y and Gᵀ·X."""
+    if x.device.type == "cpu" and _ext._C is not None:
+        return tuple(_ext._C.soft_ce_cpu_backward(g, x, y, targets, float(scale), lse, T.BLOCK_BYTES))
+    dx, dy = torch.empty_like(x), torch.zeros_like(y)
+    step = T.rows_per_block(x.shape[0], y.shape[0], x.element_size())
+    for i0 in range(0, x.shape[0], step):
+        xb, t = x[i0:i0 + step], targets[i0:i0 + step]
+        p = torch.exp(scale * (xb @ y.T) - lse[i0:i0 + step, None])
+        gb = (g[i0:i0 + step, None] * scale) * (t.sum(1, keepdim=True) * p - t)
+        dx[i0:i0 + step] = gb @ y
+        dy += gb.T @ xb
+    return dx, dy
+
+
+@soft_ce_rows_backward.register_fake
+def _(g, x, y, targets, scale, lse):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _soft_ce_setup(ctx, inputs, output):
+    x, y, targets, scale = inputs
+    ctx.save_for_backward(x, y, targets, output[1])
+    ctx.scale = scale
+
+
+def _soft_ce_backward(ctx, g, _g_lse):
+    x, y, targets, lse = ctx.saved_tensors
+    dx, dy = soft_ce_rows_backward(g.contiguous(), x, y, targets, ctx.scale, lse)
+    return dx, dy, None, None
+
+
+soft_ce_rows.register_autograd(_soft_ce_backward, setup_context=_soft_ce_setup)
+
+
 def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float, normalize_features: bool = True,
                              normalize_codes: bool = True, impl: str = "triton") -> Tensor:
     """−mean_i Σ_k Q_ik log softmax_k(⟨ẑ_i, ĉ_k⟩/τ) without an N×K logit matrix; gradients to z and codebook."""
-    acc = torch.float32
+    acc = T.acc_dtype(z)
     n, k = z.shape[0], codebook.shape[0]
     # the two sides may be normalised differently, so normalisation happens here (autograd carries it)
     zh = T.apply_tokens(z, T.inv_token_norms(z, 1)) if normalize_features else z.to(acc)
     ch = T.apply_tokens(codebook, T.inv_token_norms(codebook, 1)) if normalize_codes else codebook.to(acc)
+    if impl == "cpu":  # dense fp32 (fp64) operands for BLAS; the normalisation's Jacobian through autograd
+        loss, _ = soft_ce_rows(zh.contiguous(), ch.contiguous(), q.to(acc).contiguous(), 1.0 / tau)
+        return loss.mean()
     inv_tau = torch.full((n,), 1.0 / tau, device=z.device, dtype=acc)
     col_scale = torch.full((k,), 1.0 / tau, device=z.device, dtype=acc)
     zero = torch.zeros((), device=z.device, dtype=acc)
