@@ -1,6 +1,8 @@
 // Shared helpers of the C++ CPU kernels.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -58,6 +60,22 @@ inline int64_t rows_per_block(int64_t n, int64_t m, int64_t budget_bytes, int64_
   int64_t r = budget_bytes / (elt * std::max<int64_t>(m, 1));
   r = std::max<int64_t>(1, r);
   return std::max<int64_t>(1, std::min<int64_t>(r, (n + 1) / 2));
+}
+
+// The row-block driver of every tiled CPU kernel: body(r0, rc, xb, s) for each block of rc rows, with
+// xb = x[r0 : r0 + rc] and s = xb·yᵀ (rc × m, contiguous, through BLAS); s is the block's scratch, which a backward
+// may overwrite with its gradient weights. Only one block of s exists at a time.
+template <typename T, typename Body>
+void for_each_row_block(const at::Tensor& x, const at::Tensor& y, int64_t budget_bytes, Body&& body) {
+  const int64_t n = x.size(0);
+  const int64_t R = rows_per_block(n, y.size(0), budget_bytes, sizeof(T));
+  const at::Tensor yt = y.t();
+  for (int64_t r0 = 0; r0 < n; r0 += R) {
+    const int64_t rc = std::min(R, n - r0);
+    const at::Tensor xb = x.narrow(0, r0, rc);
+    at::Tensor s = at::mm(xb, yt).contiguous();
+    body(r0, rc, xb, s);
+  }
 }
 
 }  // namespace fastcontrast

@@ -22,18 +22,14 @@
 namespace {
 
 using fastcontrast::fast_exp;
-using fastcontrast::rows_per_block;
+using fastcontrast::for_each_row_block;
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& y, const T* a, const T* c, T bias, T* lse_r, T* lse_c,
                   int64_t budget) {
-  const int64_t n = x.size(0), m = y.size(0);
-  const int64_t R = rows_per_block(n, m, budget, sizeof(T));
+  const int64_t m = y.size(0);
   std::vector<T> col_max(m, -std::numeric_limits<T>::infinity()), col_sum(m, T(0));
-  at::Tensor yt = y.t();
-  for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rc = std::min(R, n - r0);
-    at::Tensor s = at::mm(x.narrow(0, r0, rc), yt).contiguous();  // rc × m
+  for_each_row_block<T>(x, y, budget, [&](int64_t r0, int64_t rc, const at::Tensor&, at::Tensor& s) {
     const T* S = s.data_ptr<T>();
     // rows: two passes over a contiguous row (max, then Σ exp)
     at::parallel_for(0, rc, 16, [&](int64_t i0, int64_t i1) {
@@ -67,7 +63,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const T* a, const T*
         col_max[j0 + j] = nm;
       }
     });
-  }
+  });
   for (int64_t j = 0; j < m; ++j) lse_c[j] = col_max[j] + std::log(col_sum[j]);
 }
 
@@ -75,13 +71,8 @@ template <typename T>
 void backward_impl(const at::Tensor& x, const at::Tensor& y, const T* a, const T* c, T bias, const T* lse_r,
                    const T* lse_c, const T* g_r, const T* g_c, at::Tensor& dx, at::Tensor& dy, T* da, T* dc,
                    int64_t budget) {
-  const int64_t n = x.size(0), m = y.size(0);
-  const int64_t R = rows_per_block(n, m, budget, sizeof(T));
-  at::Tensor yt = y.t();
-  for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rc = std::min(R, n - r0);
-    at::Tensor xb = x.narrow(0, r0, rc);
-    at::Tensor s = at::mm(xb, yt).contiguous();
+  const int64_t m = y.size(0);
+  for_each_row_block<T>(x, y, budget, [&](int64_t r0, int64_t rc, const at::Tensor& xb, at::Tensor& s) {
     T* S = s.data_ptr<T>();
     // dc_j += g_c_j Σ_i Q_ij S_ij: column-owned, before S is overwritten by G
     at::parallel_for(0, m, 256, [&](int64_t j0, int64_t j1) {
@@ -114,7 +105,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& y, const T* a, const T
     });
     dx.narrow(0, r0, rc).copy_(at::mm(s, y));
     dy.addmm_(s.t(), xb);
-  }
+  });
 }
 
 void check(const at::Tensor& t, const char* name) {

@@ -17,17 +17,13 @@
 namespace {
 
 using fastcontrast::fast_exp;
-using fastcontrast::rows_per_block;
+using fastcontrast::for_each_row_block;
 
 template <typename T>
 void soft_ce_forward_impl(const at::Tensor& x, const at::Tensor& y, const T* tgt, T scale, T* loss, T* lse,
                           int64_t budget) {
-  const int64_t n = x.size(0), k = y.size(0);
-  const int64_t R = rows_per_block(n, k, budget, sizeof(T));
-  at::Tensor yt = y.t();
-  for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rc = std::min(R, n - r0);
-    at::Tensor s = at::mm(x.narrow(0, r0, rc), yt).contiguous();
+  const int64_t k = y.size(0);
+  for_each_row_block<T>(x, y, budget, [&](int64_t r0, int64_t rc, const at::Tensor&, at::Tensor& s) {
     const T* S = s.data_ptr<T>();
     at::parallel_for(0, rc, 16, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -47,19 +43,14 @@ void soft_ce_forward_impl(const at::Tensor& x, const at::Tensor& y, const T* tgt
         loss[r0 + i] = mass * l - scale * dot;
       }
     });
-  }
+  });
 }
 
 template <typename T>
 void soft_ce_backward_impl(const T* g, const at::Tensor& x, const at::Tensor& y, const T* tgt, T scale, const T* lse,
                            at::Tensor& dx, at::Tensor& dy, int64_t budget) {
-  const int64_t n = x.size(0), k = y.size(0);
-  const int64_t R = rows_per_block(n, k, budget, sizeof(T));
-  at::Tensor yt = y.t();
-  for (int64_t r0 = 0; r0 < n; r0 += R) {
-    const int64_t rc = std::min(R, n - r0);
-    at::Tensor xb = x.narrow(0, r0, rc);
-    at::Tensor s = at::mm(xb, yt).contiguous();
+  const int64_t k = y.size(0);
+  for_each_row_block<T>(x, y, budget, [&](int64_t r0, int64_t rc, const at::Tensor& xb, at::Tensor& s) {
     T* S = s.data_ptr<T>();
     // G_ik = g_i·s·(mass_i·P_ik − T_ik), written over S
     at::parallel_for(0, rc, 16, [&](int64_t i0, int64_t i1) {
@@ -76,7 +67,7 @@ void soft_ce_backward_impl(const T* g, const at::Tensor& x, const at::Tensor& y,
     });
     dx.narrow(0, r0, rc).copy_(at::mm(s, y));
     dy.addmm_(s.t(), xb);
-  }
+  });
 }
 
 void check2d(const at::Tensor& t, const char* name) {
