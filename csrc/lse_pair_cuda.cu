@@ -42,13 +42,29 @@ struct Smem {
   __align__(32) float s[BM][BN + 4];
 };
 
+// Features [k0, k0+BK) of the tile's BM rows of A and BN rows of B into shared memory (zero past the ends), then a
+// barrier. BM == BN, so one index walks both.
+template <typename T>
+__device__ __forceinline__ void stage_k_slice(const T* __restrict__ A, const T* __restrict__ B, int64_t row0,
+                                              int64_t row_end, int64_t col0, int64_t col_end, int64_t k0, int64_t D,
+                                              int64_t lda, int64_t ldb, Smem<T>& sm) {
+  static_assert(BM == BN, "one index walks the rows of both tiles");
+  const T zero = from_float<T>(0.f);
+  for (int e = threadIdx.x; e < BM * BK; e += THREADS) {
+    const int r = e / BK, k = e % BK;
+    const int64_t gk = k0 + k, ga = row0 + r, gb = col0 + r;
+    sm.a[r][k] = (ga < row_end && gk < D) ? A[ga * lda + gk] : zero;
+    sm.b[r][k] = (gb < col_end && gk < D) ? B[gb * ldb + gk] : zero;
+  }
+  __syncthreads();
+}
+
 // S tile (BM×BN, fp32) of rows [row0, row0+BM) of A against rows [col0, col0+BN) of B, into sm.s.
 // Rows past row_end / col_end and features past D read as zero.
 template <typename T>
 __device__ void s_tile(const T* __restrict__ A, const T* __restrict__ B, int64_t row0, int64_t row_end, int64_t col0,
                        int64_t col_end, int64_t D, int64_t lda, int64_t ldb, Smem<T>& sm) {
   const int tid = threadIdx.x;
-  const T zero = from_float<T>(0.f);
   if constexpr (TensorCore<T>::value) {
     using namespace nvcuda;
     const int warp = tid / 32;  // warp w owns rows 16w..16w+15 and all BN columns
@@ -56,13 +72,7 @@ __device__ void s_tile(const T* __restrict__ A, const T* __restrict__ B, int64_t
 #pragma unroll
     for (int j = 0; j < BN / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
     for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      for (int e = tid; e < BM * BK; e += THREADS) {
-        const int r = e / BK, k = e % BK;
-        const int64_t gk = k0 + k, ga = row0 + r, gb = col0 + r;
-        sm.a[r][k] = (ga < row_end && gk < D) ? A[ga * lda + gk] : zero;
-        sm.b[r][k] = (gb < col_end && gk < D) ? B[gb * ldb + gk] : zero;
-      }
-      __syncthreads();
+      stage_k_slice(A, B, row0, row_end, col0, col_end, k0, D, lda, ldb, sm);
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
@@ -87,13 +97,7 @@ __device__ void s_tile(const T* __restrict__ A, const T* __restrict__ B, int64_t
 #pragma unroll
     for (int j = 0; j < BN / 2; ++j) acc[j] = 0.f;
     for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      for (int e = tid; e < BM * BK; e += THREADS) {
-        const int rr = e / BK, k = e % BK;
-        const int64_t gk = k0 + k, ga = row0 + rr, gb = col0 + rr;
-        sm.a[rr][k] = (ga < row_end && gk < D) ? A[ga * lda + gk] : zero;
-        sm.b[rr][k] = (gb < col_end && gk < D) ? B[gb * ldb + gk] : zero;
-      }
-      __syncthreads();
+      stage_k_slice(A, B, row0, row_end, col0, col_end, k0, D, lda, ldb, sm);
 #pragma unroll 4
       for (int k = 0; k < BK; ++k) {
         const float av = sm.a[r][k];
