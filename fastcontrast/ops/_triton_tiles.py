@@ -17,6 +17,14 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
+    def _slab_tile(row0, Na_chunk, Nb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's tile of a backward slab (rows row0 + [0, Na_chunk) × all Nb columns), grid (M tiles,
+        N tiles): (slab-local rows, global rows, row mask, columns, column mask)."""
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return local, row0 + local, local < Na_chunk, cols, cols < Nb
+
+    @triton.jit
     def _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K,
                 stride_am, stride_bm, NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from .._triton_support import tl, triton
 
 if triton is not None:
-    from .._triton_tiles import LN2, LOG2E, _s_tile
+    from .._triton_tiles import LN2, LOG2E, _s_tile, _slab_tile
 
     @triton.jit
     def _lse_fwd_kernel(A, B, inv_a, inv_b, scale_a, bias_ptr, LSE, Na, Nb, D, DT, K, stride_am, stride_bm,
@@ -56,13 +56,7 @@ if triton is not None:
                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
         """One S tile -> σ·G tile stored to the row-chunk slab; Σ P·S and Σ Q·S added to the scale grads."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = row0 + local
-        row_mask = local < Na_chunk
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < Nb
+        local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N)
         s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
                     NORM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         sa = tl.load(scale_a + rows, mask=row_mask, other=0.0)

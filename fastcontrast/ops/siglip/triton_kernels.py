@@ -8,7 +8,7 @@ from __future__ import annotations
 from .._triton_support import tl, triton
 
 if triton is not None:
-    from .._triton_tiles import _s_tile
+    from .._triton_tiles import _s_tile, _slab_tile
 
     @triton.jit
     def _softplus(z):
@@ -38,13 +38,7 @@ if triton is not None:
                                   Nb, D, stride_am, stride_bm, stride_wm, PRECISION: tl.constexpr,
                                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = row0 + local
-        row_mask = local < Na_chunk
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < Nb
+        local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N)
         t = _s_tile(A, B, A, B, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
                     False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.load(scale_ptr)
