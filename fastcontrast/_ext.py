@@ -1,9 +1,9 @@
 """Optional compiled extension (csrc/): C++ CPU kernels and, on CUDA builds, CUDA kernels."""
 from __future__ import annotations
 
-from typing import Optional
-
+import glob
 import os
+from typing import Optional
 
 try:  # built by setup.py when a compiler is present; absent in a pure-Python install
     from . import _C  # type: ignore[attr-defined]
@@ -22,9 +22,11 @@ def _jit_load():
 
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "csrc")
     cuda = torch.cuda.is_available() and torch.version.cuda is not None
-    files = [os.path.join(src, f) for f in ("lse_pair_cpu.cpp", "sinkhorn_cpu.cpp", "soft_ce_cpu.cpp")]
+    # the sources setup.py compiles: every .cpp but the CUDA binding, plus the binding and every .cu with CUDA
+    binding = os.path.join(src, "cuda_binding.cpp")
+    files = sorted(f for f in glob.glob(os.path.join(src, "*.cpp")) if f != binding)
     if cuda:
-        files += [os.path.join(src, f) for f in ("cuda_binding.cpp", "lse_pair_cuda.cu", "sinkhorn_cuda.cu")]
+        files += [binding] + sorted(glob.glob(os.path.join(src, "*.cu")))
     return load(name="fastcontrast_C_jit", sources=files, extra_cflags=["-O3", "-fopenmp"]
                 + (["-DFASTCONTRAST_WITH_CUDA=1"] if cuda else []), extra_ldflags=["-fopenmp"],
                 extra_cuda_cflags=["-O3", "--use_fast_math", "-DFASTCONTRAST_WITH_CUDA=1"], with_cuda=cuda,
