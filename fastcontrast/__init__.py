@@ -1,5 +1,6 @@
 """fastcontrast: fused contrastive vision-language losses (CLIP InfoNCE, oblique multi-token, MM-TS
 per-sample temperature and margin, CODIS codebook) with a pure-PyTorch reference behind every kernel."""
+from ._validation import debug, debug_enabled, set_debug
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends
 from .functional import (
     adaptive_temperature_clip_loss,
@@ -28,5 +29,5 @@ __all__ = [
     "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
     "sinkhorn", "codebook_loss", "cosine_schedule",
     "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "AdaptiveTemperatureClipLoss", "MaxMarginLoss", "CodebookLoss", "EMATeacher",
-    "BACKENDS", "BackendUnavailableError", "available_backends",
+    "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]

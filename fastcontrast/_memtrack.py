@@ -1,9 +1,8 @@
-"""Peak live bytes of tensors created inside a region (CPU or GPU), counted at the ATen level.
+"""Probes that watch every ATen op a region runs (CPU or GPU): peak extra memory, and host syncs.
 
-A TorchDispatchMode sees every op's outputs; each new storage adds its bytes until it is freed. Inputs that
-exist before the region are not counted, so the number is the *extra* memory an op needs. A custom op would be
-one opaque call to such a mode, so ops listed in ``OPAQUE_IMPLS`` are run through their Python implementation
-with the mode still active: what they allocate inside is counted too.
+A TorchDispatchMode sees every op. A custom op would be one opaque call to such a mode, so the ops listed in
+``OPAQUE_IMPLS`` are run through their Python implementation with the mode still active: what they do inside
+(C++ kernels included, whose ATen calls pass through the dispatcher) is seen too.
 """
 import weakref
 
@@ -15,7 +14,19 @@ from torch.utils._pytree import tree_flatten
 OPAQUE_IMPLS: dict = {}
 
 
-class PeakMemory(TorchDispatchMode):
+class _SeeInside(TorchDispatchMode):
+    def _call(self, func, args, kwargs):
+        impl = OPAQUE_IMPLS.get(func)
+        if impl is not None:
+            with self:  # re-enter: the op's internal work is observed as well
+                return impl(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class PeakMemory(_SeeInside):
+    """Peak live bytes of tensors created inside the region. Inputs that exist before it are not counted, so the
+    number is the *extra* memory an op needs."""
+
     def __init__(self):
         super().__init__()
         self.live = 0
@@ -28,12 +39,7 @@ class PeakMemory(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        impl = OPAQUE_IMPLS.get(func)
-        if impl is not None:
-            with self:  # re-enter: the op's internal allocations are tracked as well
-                out = impl(*args, **(kwargs or {}))
-        else:
-            out = func(*args, **(kwargs or {}))
+        out = self._call(func, args, kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
@@ -47,3 +53,30 @@ class PeakMemory(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(st, self._free, key, nb)
         return out
+
+
+# Ops that make the host wait for the device: reading a value, or an output whose size depends on the data.
+_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+             "aten::_unique2", "aten::bincount", "aten::unique_consecutive", "aten::equal", "aten::is_nonzero"}
+
+
+class HostSyncs(_SeeInside):
+    """Records every op in the region that would stall the host on a device tensor (``.item()``, ``float(t)``,
+    ``bool(t)``, data-dependent output shapes, copies from a device to the CPU). On CPU tensors these are free,
+    but the op is the same one that syncs on a GPU, so the probe finds them on a CPU-only machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in _SYNC_OPS:
+            self.syncs.append(name)
+        elif name in ("aten::_to_copy", "aten::copy_"):
+            out = self._call(func, args, kwargs)
+            src, dst = (args[1], args[0]) if name == "aten::copy_" else (args[0], out)
+            if src.device.type not in ("cpu", "meta") and dst.device.type == "cpu":
+                self.syncs.append(f"{name} {src.device}->cpu")
+            return out
+        return self._call(func, args, kwargs)

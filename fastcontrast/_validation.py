@@ -3,20 +3,51 @@
 Each check raises ``TypeError`` (wrong type / dtype) or ``ValueError`` (wrong shape, empty, out of range,
 non-finite) with a message that names the argument and says what was expected, so a bad call fails at the
 API boundary instead of deep inside a kernel.
+
+Checks of types, shapes, devices and Python numbers always run: they read no tensor data. Checks of tensor
+*values* (NaN/inf in features, a logit scale tensor <= 0, labels out of range, temperatures <= 0) must copy a
+result from the device to the host, which stalls a GPU training loop and breaks CUDA-graph capture, so they run
+only in debug mode: ``fastcontrast.set_debug(True)`` or the environment variable ``FASTCONTRAST_DEBUG=1``.
+With debug off, non-finite inputs propagate as NaN, as in PyTorch's own losses.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import os
 from typing import Optional, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+_DEBUG = os.environ.get("FASTCONTRAST_DEBUG", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
-def _compiling() -> bool:
-    # Data-dependent checks (.item()) would graph-break under torch.compile; shape/dtype checks still run.
-    return torch.compiler.is_compiling()
+
+def set_debug(enabled: bool = True) -> None:
+    """Turn the value checks (each a device-to-host sync) on or off for the whole process."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def debug_enabled() -> bool:
+    return _DEBUG
+
+
+@contextlib.contextmanager
+def debug(enabled: bool = True):
+    """``with fastcontrast.debug():`` value checks on inside the block only."""
+    global _DEBUG
+    before, _DEBUG = _DEBUG, bool(enabled)
+    try:
+        yield
+    finally:
+        _DEBUG = before
+
+
+def _check_values() -> bool:
+    # value checks read tensor data: opt-in (a host sync each), and never inside a torch.compile trace
+    return _DEBUG and not torch.compiler.is_compiling()
 
 
 def check_features(name: str, t, ndim: int | Sequence[int]) -> None:
@@ -50,9 +81,11 @@ def check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, same_
 
 
 def check_finite(**tensors: Optional[torch.Tensor]) -> None:
-    """Reject NaN/inf in any of the named tensors (one host sync for all of them)."""
+    """Debug mode: reject NaN/inf in any of the named tensors (one host sync for all of them)."""
+    if not _check_values():
+        return
     named = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
-    if not named or _compiling():
+    if not named:
         return
     flags = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()
     for (k, v), ok in zip(named, flags.tolist()):
@@ -63,7 +96,8 @@ def check_finite(**tensors: Optional[torch.Tensor]) -> None:
 def as_scalar_tensor(name: str, value, like: torch.Tensor, positive: bool = True) -> torch.Tensor:
     """A Python number or a one-element tensor, returned as a 0-d tensor on ``like``'s device.
 
-    Tensors keep their autograd graph (a learnable logit scale gets its gradient).
+    Tensors keep their autograd graph (a learnable logit scale gets its gradient). A Python number is checked
+    always; a tensor's value only in debug mode (reading it is a host sync).
     """
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
@@ -74,16 +108,19 @@ def as_scalar_tensor(name: str, value, like: torch.Tensor, positive: bool = True
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        t = value.reshape(())
-    else:
-        t = torch.tensor(float(value), device=like.device, dtype=torch.float32 if like.dtype != torch.float64 else like.dtype)
-    if not _compiling():
-        v = float(t.detach())
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {v}")
-        if positive and v <= 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
-    return t
+        if _check_values():
+            _check_number(name, float(value.detach()), positive)
+        return value.reshape(())
+    _check_number(name, float(value), positive)
+    return torch.tensor(float(value), device=like.device,
+                        dtype=torch.float32 if like.dtype != torch.float64 else like.dtype)
+
+
+def _check_number(name: str, v: float, positive: bool) -> None:
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
 
 
 def check_vector(name: str, t, length: int, like: torch.Tensor, positive: bool = True) -> torch.Tensor:
@@ -96,7 +133,7 @@ def check_vector(name: str, t, length: int, like: torch.Tensor, positive: bool =
         raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the features are on {like.device}")
-    if not _compiling():
+    if _check_values():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains non-finite values (NaN or inf)")
         if positive and not bool((t > 0).all()):
@@ -121,7 +158,7 @@ def check_labels(labels, n_rows: int, n_cols: int, like: torch.Tensor) -> torch.
         raise ValueError(f"labels must have shape ({n_rows},), got {tuple(labels.shape)}")
     if labels.device != like.device:
         raise ValueError(f"labels are on {labels.device} but the features are on {like.device}")
-    if not _compiling():
+    if _check_values():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= n_cols:
             raise ValueError(f"labels must lie in [0, {n_cols}), got values in [{lo}, {hi}]")

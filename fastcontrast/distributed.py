@@ -47,15 +47,44 @@ def check_equal_local_batches(n_local: int, group=None) -> None:
                          "image-text pairs (drop the last uneven batch, e.g. DataLoader(drop_last=True))")
 
 
+class _AllGather(torch.autograd.Function):
+    """(world·N, ...) = the ranks' tensors stacked along dim 0; backward sums the ranks' gradients of this rank's
+    slice (a reduce-scatter), the semantics of ``torch.distributed.nn.all_gather``, on public c10d calls only
+    (that module is deprecated and warns on every call)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        rank, world = _world(group)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        t = t.contiguous()
+        out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
+        dist.all_gather(list(out.chunk(world)), t, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        g = g.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = g.new_empty((g.shape[0] // ctx.world,) + tuple(g.shape[1:]))
+            dist.reduce_scatter_tensor(mine, g, group=ctx.group)
+            return mine, None
+        g = g.clone()  # gloo has no reduce-scatter: all-reduce, keep this rank's slice
+        dist.all_reduce(g, group=ctx.group)
+        return g.chunk(ctx.world)[ctx.rank].contiguous(), None
+
+
+def all_gather_with_grad(t: Tensor, group=None) -> Tensor:
+    """Every rank's ``t`` concatenated along dim 0, differentiable (gradients are summed over ranks)."""
+    return _AllGather.apply(t, group)
+
+
 def gather_features(image_features: Tensor, text_features: Tensor, local_loss: bool = False,
                     gather_with_grad: bool = False, group=None) -> Tuple[Tensor, Tensor]:
-    """open_clip's gather: with grad through ``torch.distributed.nn.all_gather``, or without, keeping the local
-    slice differentiable (``local_loss=False``)."""
+    """open_clip's gather: with grad (:func:`all_gather_with_grad`), or without, keeping the local slice
+    differentiable (``local_loss=False``)."""
     rank, world = _world(group)
     if gather_with_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(image_features, group=group)), torch.cat(all_gather(text_features, group=group))
+        return all_gather_with_grad(image_features, group), all_gather_with_grad(text_features, group)
     imgs: List[Tensor] = [torch.zeros_like(image_features) for _ in range(world)]
     txts: List[Tensor] = [torch.zeros_like(text_features) for _ in range(world)]
     dist.all_gather(imgs, image_features.detach(), group=group)

@@ -11,6 +11,7 @@ import torch
 
 from . import _validation as V
 from . import ops  # noqa: F401  (registers implementations)
+from ._amp import autocast_aware
 from .dispatch import resolve
 from .ops.adaptive.reference import cosine_schedule, density_to_temperature
 from .ops.codebook.reference import teacher_scores
@@ -35,6 +36,7 @@ def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backen
     return impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens)
 
 
+@autocast_aware("image_features", "text_features")
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -59,6 +61,7 @@ def clip_loss(
     return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1, backend)
 
 
+@autocast_aware("image_features", "text_features")
 def siglip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -83,6 +86,7 @@ def siglip_loss(
     return impl(image_features, text_features, scale, bias, labels, bool(negative_only))
 
 
+@autocast_aware("a", "b")
 def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: Optional[Scalar] = None,
             labels: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """One-directional InfoNCE: mean_i CE(s·a_i bᵀ + bias, labels_i); a (N, D), b (M, D), labels (N,).
@@ -99,6 +103,7 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     return impl(a, b, scale, bias, labels)
 
 
+@autocast_aware("image_tokens", "text_tokens")
 def oblique_clip_loss(
     image_tokens: torch.Tensor,
     text_tokens: torch.Tensor,
@@ -136,6 +141,7 @@ def _temperature(name, tau, length, like):
     return V.as_scalar_tensor(name, tau, like).expand(length)
 
 
+@autocast_aware("image_features", "text_features")
 def adaptive_temperature_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -165,6 +171,7 @@ def adaptive_temperature_clip_loss(
     return _infonce(image_features, text_features, 1.0 / t_img, 1.0 / t_txt, bias, labels, normalize, 1, backend)
 
 
+@autocast_aware("image_features", "text_features")
 def max_margin_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -180,14 +187,17 @@ def max_margin_loss(
     :func:`cosine_schedule`.
     """
     _check_image_text(image_features, text_features)
-    margin = V.check_positive_float("margin", float(margin) if isinstance(margin, torch.Tensor) else margin,
-                                    allow_zero=True)
+    if isinstance(margin, torch.Tensor):  # e.g. a scheduled margin kept on the device: no host read
+        margin = V.as_scalar_tensor("margin", margin, image_features, positive=False)
+    else:
+        margin = V.check_positive_float("margin", margin, allow_zero=True)
     labels = V.check_labels(labels, image_features.shape[0], text_features.shape[0], image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
     _, impl = resolve("max_margin", backend, image_features.device)
     return impl(image_features, text_features, margin, labels, bool(hardest), bool(normalize))
 
 
+@autocast_aware("features")
 def density_temperature(
     features: torch.Tensor,
     tau: float,
@@ -220,6 +230,7 @@ def density_temperature(
             features.dtype if features.dtype == torch.float64 else torch.float32)
 
 
+@autocast_aware("scores")
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, backend: str = "auto") -> torch.Tensor:
     """Sinkhorn–Knopp in log space: scores (N, K) -> Q (N, K), rows sum to 1, columns to N/K. No gradient."""
     V.check_features("scores", scores, 2)
@@ -230,6 +241,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, back
     return impl(scores.detach(), epsilon, n_iters)
 
 
+@autocast_aware("image_features", "text_features", "teacher_image_features", "teacher_text_features", "codebook")
 def codebook_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

@@ -58,6 +58,32 @@ class ClipLoss(nn.Module):
                                 normalize=self.normalize, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """open_clip's helper, for code that calls it: the positive index of each row."""
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        return labels + num_logits * self.rank if self.world_size > 1 and self.local_loss else labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's helper: the materialised (logits_per_image, logits_per_text), for code that reads them.
+        The loss itself never builds them."""
+        from . import distributed as D
+
+        if self.world_size > 1:
+            all_img, all_txt = D.gather_features(image_features, text_features, self.local_loss,
+                                                 self.gather_with_grad)
+            if self.local_loss:
+                per_image = logit_scale * image_features @ all_txt.T
+                per_text = logit_scale * text_features @ all_img.T
+            else:
+                per_image = logit_scale * all_img @ all_txt.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ text_features.T
+            per_text = per_image.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
     def _distributed(self, image_features, text_features, logit_scale, logit_bias):
         from . import distributed as D
 
@@ -93,15 +119,17 @@ class SigLipLoss(nn.Module):
             raise ValueError(f"dist_impl must be one of bidir, shift, reduce, gather; got {dist_impl!r}")
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl, self.backend = dist_impl or "bidir", backend
+        self._checked_batch = None
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         if self.world_size > 1:
             from . import distributed as D
-            from torch.distributed.nn.functional import all_gather
 
             n = image_features.shape[0]
-            D.check_equal_local_batches(n)
-            all_txt = torch.cat(all_gather(text_features))
+            if self._checked_batch != n:  # one extra collective per new local batch size, not per step
+                D.check_equal_local_batches(n)
+                self._checked_batch = n
+            all_txt = D.all_gather_with_grad(text_features)
             labels = torch.arange(n, device=image_features.device) + n * self.rank
             loss = Fn.siglip_loss(image_features, all_txt, logit_scale, logit_bias, labels=labels,
                                   backend=self.backend)

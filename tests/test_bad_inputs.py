@@ -9,6 +9,24 @@ X = torch.randn(4, 8)
 Y = torch.randn(4, 8)
 
 
+@pytest.fixture(autouse=True)
+def _debug_checks():
+    """Value checks (NaN, a scale tensor <= 0, labels out of range) are opt-in host syncs: on for this file.
+    Type, shape and device checks run either way (test_checks_without_debug)."""
+    with fc.debug():
+        yield
+
+
+def test_checks_without_debug():
+    with fc.debug(False):
+        with pytest.raises(ValueError, match="image_features must be 2-D"):
+            fc.clip_loss(torch.randn(4, 2, 8), Y, 10.0)
+        with pytest.raises(ValueError, match="logit_scale must be > 0"):
+            fc.clip_loss(X, Y, -1.0)  # a Python number costs no sync: always checked
+        with pytest.raises(TypeError, match="labels must be an integer"):
+            fc.clip_loss(X, Y, 10.0, labels=torch.zeros(4))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(image_features=torch.randn(4, 2, 8)), ValueError, "image_features must be 2-D"),
     (dict(text_features=torch.randn(4, 7)), ValueError, "per-sample shape"),

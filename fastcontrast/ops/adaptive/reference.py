@@ -77,7 +77,7 @@ def max_margin_loss_reference(x, y, margin, labels=None, hardest: bool = False, 
         labels = torch.arange(n, device=x.device)
     rows = torch.arange(n, device=x.device)
     pos = s[rows, labels]  # (N,)
-    is_pos = F.one_hot(labels, m_cols).bool()  # E_ij
+    is_pos = torch.zeros(n, m_cols, dtype=torch.bool, device=s.device).scatter_(1, labels[:, None], True)  # E_ij
     # image→text: row i against every non-positive column
     cost_row = (margin - pos[:, None] + s).clamp(min=0).masked_fill(is_pos, 0)
     # text→image: column p(i) against every row that is not a positive of that column

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from ... import _ext
+from ..._amp import register_custom_op as register_autocast
+from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register
 from .. import _tiles as T
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
@@ -63,6 +65,10 @@ def sinkhorn_ext(scores: Tensor, epsilon: float, n_iters: int, impl: str) -> Ten
 def soft_ce_rows(x: Tensor, y: Tensor, targets: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """(ℓ (N,), lse (N,)) with ℓ_i = −Σ_k T_ik log softmax_k(scale·⟨x_i, y_k⟩): x (N, D), y (K, D), T (N, K), one
     float dtype. The C++ kernel when built, else the same blocks in PyTorch; never an N×K score matrix."""
+    return _soft_ce_impl(x, y, targets, scale)
+
+
+def _soft_ce_impl(x, y, targets, scale):
     if x.device.type == "cpu" and _ext._C is not None:
         return tuple(_ext._C.soft_ce_cpu_forward(x, y, targets, float(scale), T.BLOCK_BYTES))
     loss, lse = torch.empty_like(x[:, 0]), torch.empty_like(x[:, 0])
@@ -84,6 +90,10 @@ def _(x, y, targets, scale):
 def soft_ce_rows_backward(g: Tensor, x: Tensor, y: Tensor, targets: Tensor, scale: float, lse: Tensor
                           ) -> Tuple[Tensor, Tensor]:
     """(dx, dy) of Σ_i g_i ℓ_i: G = g·scale·((Σ_k T_ik)·P − T) one row block at a time, then G·Y and Gᵀ·X."""
+    return _soft_ce_backward_impl(g, x, y, targets, scale, lse)
+
+
+def _soft_ce_backward_impl(g, x, y, targets, scale, lse):
     if x.device.type == "cpu" and _ext._C is not None:
         return tuple(_ext._C.soft_ce_cpu_backward(g, x, y, targets, float(scale), lse, T.BLOCK_BYTES))
     dx, dy = torch.empty_like(x), torch.zeros_like(y)
@@ -115,6 +125,10 @@ def _soft_ce_backward(ctx, g, _g_lse):
 
 
 soft_ce_rows.register_autograd(_soft_ce_backward, setup_context=_soft_ce_setup)
+register_autocast("fastcontrast::soft_ce_rows", (0, 1, 2))  # x, y, targets: one dtype, as the kernel needs
+register_autocast("fastcontrast::soft_ce_rows_backward", (0, 1, 2, 3))
+OPAQUE_IMPLS[torch.ops.fastcontrast.soft_ce_rows.default] = _soft_ce_impl  # probes look inside (_memtrack)
+OPAQUE_IMPLS[torch.ops.fastcontrast.soft_ce_rows_backward.default] = _soft_ce_backward_impl
 
 
 def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float, normalize_features: bool = True,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ... import _ext
+from ..._amp import register_custom_op as register_autocast
 from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register
 from .. import _tiles as T
@@ -161,12 +162,12 @@ def _choose(impl: str, x: Tensor) -> str:
     return "torch"
 
 
-def _cpu_operands(x, y, a, c, bias, normalize, tokens):
+def _cpu_operands(x, y, a, c, normalize, tokens):
     # the C++ kernels take dense fp32/fp64 operands; normalisation is this prologue (Jacobian in backward)
     acc = T.acc_dtype(x)
     xh = _apply_tokens(x, inv_token_norms(x, tokens)) if normalize else x.to(acc).contiguous()
     yh = _apply_tokens(y, inv_token_norms(y, tokens)) if normalize else y.to(acc).contiguous()
-    return xh.contiguous(), yh.contiguous(), a.to(acc).contiguous(), c.to(acc).contiguous(), float(bias)
+    return xh.contiguous(), yh.contiguous(), a.to(acc).contiguous(), c.to(acc).contiguous()
 
 
 def _cuda_operands(x, y, normalize, tokens):
@@ -191,13 +192,16 @@ def _lse_pair_impl(x, y, a, c, bias, normalize, tokens, impl="auto"):
     which = _choose(impl, x)
     if which == "triton":
         return _triton_fwd(x, y, a, c, bias, normalize, tokens)
+    # csrc kernels: a constant bias leaves the softmax unchanged, lse(aS + b) = lse(aS) + b, so it is added to
+    # the statistics here, as a tensor: passing it to the kernel as a number would be a host read per call
     if which == "cpu":
-        xh, yh, a_, c_, b_ = _cpu_operands(x, y, a, c, bias, normalize, tokens)
-        lr, lc = _ext._C.lse_pair_cpu_forward(xh, yh, a_, c_, b_, T.BLOCK_BYTES)
-        return lr, lc
+        xh, yh, a_, c_ = _cpu_operands(x, y, a, c, normalize, tokens)
+        lr, lc = _ext._C.lse_pair_cpu_forward(xh, yh, a_, c_, 0.0, T.BLOCK_BYTES)
+        return lr + bias, lc + bias
     if which == "cuda":
         xh, yh = _cuda_operands(x, y, normalize, tokens)
-        return tuple(_ext._C.lse_pair_cuda_forward(xh, yh, a.float(), c.float(), float(bias)))
+        lr, lc = _ext._C.lse_pair_cuda_forward(xh, yh, a.float(), c.float(), 0.0)
+        return lr + bias, lc + bias
     return _torch_fwd(x, y, a, c, bias, normalize, tokens)
 
 
@@ -217,16 +221,16 @@ def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor,
 
 def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
     which = _choose(impl, x)
-    if which == "cuda":
+    if which == "cuda":  # P = exp(aS + b − lse) = exp(aS − (lse − b)): the bias stays a tensor (see forward)
         xh, yh = _cuda_operands(x, y, normalize, tokens)
-        dxh, dyh, da, dc = _ext._C.lse_pair_cuda_backward(g_r, g_c, xh, yh, a, c, float(bias), lse_r, lse_c,
+        dxh, dyh, da, dc = _ext._C.lse_pair_cuda_backward(g_r, g_c, xh, yh, a, c, 0.0, lse_r - bias, lse_c - bias,
                                                           T.BLOCK_BYTES)
     elif which == "cpu":
-        xh, yh, a_, c_, b_ = _cpu_operands(x, y, a, c, bias, normalize, tokens)
+        xh, yh, a_, c_ = _cpu_operands(x, y, a, c, normalize, tokens)
         acc = xh.dtype
         dxh, dyh, da, dc = _ext._C.lse_pair_cpu_backward(
-            g_r.to(acc).contiguous(), g_c.to(acc).contiguous(), xh, yh, a_, c_, b_, lse_r.to(acc), lse_c.to(acc),
-            T.BLOCK_BYTES)
+            g_r.to(acc).contiguous(), g_c.to(acc).contiguous(), xh, yh, a_, c_, 0.0,
+            (lse_r - bias).to(acc), (lse_c - bias).to(acc), T.BLOCK_BYTES)
     else:
         dxh, dyh, da, dc = _lse_backward_slabs(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens,
                                                use_triton=which == "triton")
@@ -258,6 +262,8 @@ def _backward(ctx, g_r, g_c):
 
 
 lse_pair.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("fastcontrast::lse_pair", (0, 1))  # x, y follow the package's autocast policy (_amp)
+register_autocast("fastcontrast::lse_pair_backward", (2, 3))
 
 # Memory accounting (fastcontrast._memtrack) looks inside these ops instead of seeing them as one opaque call.
 OPAQUE_IMPLS[torch.ops.fastcontrast.lse_pair.default] = _lse_pair_impl
