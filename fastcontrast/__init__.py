@@ -9,16 +9,19 @@ from .functional import (
     cosine_schedule,
     density_temperature,
     max_margin_loss,
+    mmts_temperature,
     oblique_clip_loss,
     siglip_loss,
     sinkhorn,
 )
 from .modules import (
-    AdaptiveTemperatureClipLoss,
     ClipLoss,
     CodebookLoss,
+    DensityTemperatureClipLoss,
     EMATeacher,
     MaxMarginLoss,
+    MMTSClipLoss,
+    MMTSMaxMarginLoss,
     ObliqueClipLoss,
     SigLipLoss,
 )
@@ -26,8 +29,9 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
-    "sinkhorn", "codebook_loss", "cosine_schedule",
-    "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "AdaptiveTemperatureClipLoss", "MaxMarginLoss", "CodebookLoss", "EMATeacher",
+    "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
+    "mmts_temperature", "density_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
+    "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "MMTSClipLoss", "MMTSMaxMarginLoss", "DensityTemperatureClipLoss",
+    "MaxMarginLoss", "CodebookLoss", "EMATeacher",
     "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]

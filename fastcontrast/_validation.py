@@ -182,3 +182,30 @@ def check_positive_float(name: str, v, allow_zero: bool = False) -> float:
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
     return v
+
+
+def check_cluster_sizes(name: str, t) -> torch.Tensor:
+    """Each sample's dataset-wide cluster size: an integer tensor (N,) (positivity checked in debug mode)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape (N,), got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold positive integers (cluster sizes), got dtype {t.dtype}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must have shape (N,) with N >= 1, got {tuple(t.shape)}")
+    if _check_values() and not bool((t > 0).all()):
+        raise ValueError(f"{name} must hold positive integers (cluster sizes), got a value <= 0")
+    return t
+
+
+def check_step(name: str, step, total_steps: int) -> None:
+    """A training step in [0, total_steps]: a number (always checked) or a tensor (checked in debug mode)."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(step.shape)}")
+        if not _check_values():
+            return
+        step = float(step)
+    elif isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(step).__name__}")
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"{name} must lie in [0, total_steps] = [0, {total_steps}], got {step}")

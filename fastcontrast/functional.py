@@ -152,16 +152,18 @@ def adaptive_temperature_clip_loss(
     normalize: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """InfoNCE with a temperature per sample (MM-TS): row i uses ⟨x_i,y_j⟩/τ_i, column j uses ⟨x_i,y_j⟩/τ'_j.
+    """InfoNCE with a temperature per sample: row i of image→text uses ⟨x_i,y_j⟩/τ_i, row j of text→image
+    (column j of S) uses ⟨x_i,y_j⟩/τ'_j; ½(CE + CE).
 
-    tau_image: scalar or (N,); tau_text: scalar or (M,) (default: tau_image when it is a scalar, else the image
-    temperature of each text's positive is not defined, so it is required). Tensors that require grad get dτ.
+    tau_image: scalar or (N,); tau_text: scalar or (M,), default ``tau_image``: one τ per pair for both
+    directions, which is MM-TS (τ from :func:`mmts_temperature`). Tensors that require grad get dτ.
     """
     _check_image_text(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
     if tau_text is None:
-        if isinstance(tau_image, torch.Tensor) and tau_image.numel() > 1:
-            raise ValueError("tau_text is required when tau_image is per-sample (shape (N,)); pass shape (M,)")
+        if isinstance(tau_image, torch.Tensor) and tau_image.numel() > 1 and n != m:
+            raise ValueError(f"tau_text is required when tau_image is per-sample and the batches differ "
+                             f"({n} images, {m} texts); pass shape ({m},)")
         tau_text = tau_image
     t_img = _temperature("tau_image", tau_image, n, image_features)
     t_txt = _temperature("tau_text", tau_text, m, image_features)
@@ -175,26 +177,80 @@ def adaptive_temperature_clip_loss(
 def max_margin_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
-    margin: float = 0.2,
+    margin: Scalar = 0.2,
     labels: Optional[torch.Tensor] = None,
     hardest: bool = False,
     normalize: bool = True,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Bidirectional hinge Σ_j [m − S_{i,p(i)} + S_ij]_+ (+ its text→image twin), mean over positive pairs.
+    """Bidirectional hinge [m_i − S_{i,p(i)} + S_ij]_+ and [m_i − S_{i,p(i)} + S_{i',p(i)}]_+ over negatives j, i'.
 
-    ``hardest=True`` keeps only the hardest negative per direction (VSE++). ``margin`` may come from
-    :func:`cosine_schedule`.
+    ``margin``: a number, a 0-d tensor, or one per pair (N,) — MM-TS uses m_i = τ_i(t) (:func:`mmts_temperature`);
+    the AVION baseline a fixed 0.2. ``reduction="mean"`` (MM-TS, AVION): the mean over all 2N(N−1) terms (for
+    the diagonal). Extensions of this package: ``reduction="sum"`` (sum over negatives, mean over pairs:
+    2(N−1)× the mean) and ``hardest=True`` (VSE++: only the largest violation per pair and direction).
     """
     _check_image_text(image_features, text_features)
-    if isinstance(margin, torch.Tensor):  # e.g. a scheduled margin kept on the device: no host read
+    n = image_features.shape[0]
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' (MM-TS) or 'sum', got {reduction!r}")
+    if isinstance(margin, torch.Tensor) and margin.dim() == 1 and margin.numel() == n and n > 1:
+        margin = V.check_vector("margin", margin, n, image_features, positive=False)
+    elif isinstance(margin, torch.Tensor):  # e.g. a scheduled margin kept on the device: no host read
+        if margin.numel() != 1:
+            raise ValueError(f"margin must be a number, a one-element tensor or have shape ({n},), "
+                             f"got {tuple(margin.shape)}")
         margin = V.as_scalar_tensor("margin", margin, image_features, positive=False)
     else:
         margin = V.check_positive_float("margin", margin, allow_zero=True)
-    labels = V.check_labels(labels, image_features.shape[0], text_features.shape[0], image_features)
+    labels = V.check_labels(labels, n, text_features.shape[0], image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
     _, impl = resolve("max_margin", backend, image_features.device)
-    return impl(image_features, text_features, margin, labels, bool(hardest), bool(normalize))
+    return impl(image_features, text_features, margin if not isinstance(margin, torch.Tensor) else margin.detach(),
+                labels, bool(hardest), bool(normalize), reduction)
+
+
+def mmts_temperature(
+    cluster_sizes: torch.Tensor,
+    step,
+    total_steps: int,
+    c_min: float,
+    c_max: float,
+    alpha: float = 0.08,
+    num_oscillations: int = 5,
+    s_min: float = 0.05,
+    s_max: float = 0.20,
+) -> torch.Tensor:
+    """MM-TS per-sample temperature τ_i(t) = (α/2)·cos(2πt/P) + sh(c_i), P = total_steps / num_oscillations,
+    sh(c) = (c − c_min)/(c_max − c_min)·(s_max − s_min) + s_min (the authors' code, SergShel/MM-TS).
+
+    cluster_sizes (N,): the dataset-wide size of each sample's cluster (:mod:`fastcontrast.clusters` makes
+    them); c_min, c_max: the smallest and largest cluster size of the dataset. Defaults are the paper's.
+    Returns (N,) float32 (float64 for float64 sizes), no gradient; use the same τ for both directions
+    (:func:`adaptive_temperature_clip_loss`) or as the margin (:func:`max_margin_loss`).
+    """
+    from .ops.adaptive.reference import mmts_temperature as _mmts
+
+    sizes = V.check_cluster_sizes("cluster_sizes", cluster_sizes)
+    total_steps = V.check_positive_int("total_steps", total_steps)
+    num_oscillations = V.check_positive_int("num_oscillations", num_oscillations)
+    if total_steps < num_oscillations:
+        raise ValueError(f"total_steps ({total_steps}) must be at least num_oscillations ({num_oscillations}): "
+                         "the period total_steps / num_oscillations would be 0")
+    V.check_step("step", step, total_steps)
+    c_min, c_max = V.check_positive_float("c_min", c_min), V.check_positive_float("c_max", c_max)
+    if c_max <= c_min:
+        raise ValueError(f"c_max must exceed c_min (the dataset's largest and smallest cluster sizes), got "
+                         f"c_min={c_min}, c_max={c_max}")
+    alpha = V.check_positive_float("alpha", alpha, allow_zero=True)
+    s_min, s_max = V.check_positive_float("s_min", s_min), V.check_positive_float("s_max", s_max)
+    if V.debug_enabled():
+        lo, hi = float(sizes.min()), float(sizes.max())
+        if lo < c_min or hi > c_max:
+            raise ValueError(f"cluster_sizes must lie in [c_min, c_max] = [{c_min}, {c_max}], got [{lo}, {hi}]")
+    with torch.no_grad():
+        return _mmts(sizes, step, total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max)
 
 
 @autocast_aware("features")
@@ -303,6 +359,6 @@ def _perplexity(usage: torch.Tensor) -> float:
 
 
 __all__ = [
-    "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "density_temperature",
-    "sinkhorn", "codebook_loss", "cosine_schedule",
+    "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
+    "density_temperature", "mmts_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
 ]

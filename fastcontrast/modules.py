@@ -1,10 +1,12 @@
 """``nn.Module`` wrappers: one per loss family; ``ClipLoss`` matches open_clip's constructor and ``forward``."""
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from . import _validation as V
 from . import functional as Fn
 from .ops.codebook.reference import EMATeacher  # noqa: F401  (re-exported)
 
@@ -159,20 +161,98 @@ class ObliqueClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class AdaptiveTemperatureClipLoss(nn.Module):
-    """MM-TS: InfoNCE with a cosine-scheduled temperature, optionally made per-sample from local density.
+class _MMTS(nn.Module):
+    """The schedule state shared by the MM-TS losses: τ_i(t) = (α/2)·cos(2πt/P) + sh(c_i)."""
 
-    ``forward(image_features, text_features, step)``; τ(step) follows :func:`cosine_schedule` between
-    ``tau_min`` and ``tau_max`` over ``period`` steps. With ``per_sample=True`` each side's τ_i comes from
-    :func:`density_temperature` around τ(step) (a statistic: no gradient).
+    def __init__(self, total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend):
+        super().__init__()
+        self.total_steps, self.c_min, self.c_max = total_steps, c_min, c_max
+        self.alpha, self.num_oscillations, self.s_min, self.s_max = alpha, num_oscillations, s_min, s_max
+        self.backend = backend
+        if total_steps is not None and c_min is not None and c_max is not None:  # fail now, not at step 0
+            Fn.mmts_temperature(torch.full((1,), int(c_min)), 0, total_steps, c_min, c_max, alpha,
+                                num_oscillations, s_min, s_max)
+
+    def temperatures(self, cluster_sizes=None, step=0, total_steps=None, tau=None) -> torch.Tensor:
+        """τ (N,): the given ``tau``, or MM-TS's from ``cluster_sizes`` at ``step``."""
+        if tau is not None:
+            if cluster_sizes is not None:
+                raise ValueError("pass either cluster_sizes or tau, not both")
+            return tau
+        if cluster_sizes is None:
+            raise ValueError("cluster_sizes is required (each sample's dataset-wide cluster size), or pass tau")
+        total = total_steps if total_steps is not None else self.total_steps
+        if total is None:
+            raise ValueError("total_steps is required: give it to the constructor or to forward")
+        if self.c_min is None or self.c_max is None:
+            raise ValueError("c_min and c_max (the dataset's smallest and largest cluster sizes, e.g. "
+                             "ClusterIndex.c_min/.c_max) are required to use cluster_sizes")
+        return Fn.mmts_temperature(cluster_sizes, step, total, self.c_min, self.c_max, self.alpha,
+                                   self.num_oscillations, self.s_min, self.s_max)
+
+
+class MMTSClipLoss(_MMTS):
+    """MM-TS InfoNCE (the authors' ``MMTSClipLoss``): ½[CE(X Yᵀ/τ_i) + CE(Y Xᵀ/τ_i)], τ_i(t) per pair.
+
+    ``forward(image_features (N, D), text_features (N, D), step, cluster_sizes=None, total_steps=None,
+    tau=None)``; cluster_sizes (N,) are the samples' dataset-wide cluster sizes (:mod:`fastcontrast.clusters`),
+    c_min/c_max the dataset's smallest and largest cluster; or pass ``tau`` (N,) directly. Features are used as
+    given (the official code feeds normalised embeddings); ``normalize=True`` normalises inside.
+    Defaults are the paper's: α = 0.08, 5 oscillations per run, shifts in [0.05, 0.20].
     """
 
-    def __init__(self, tau_min=0.01, tau_max=0.1, period=10000, per_sample=True, k=8, normalize=True,
-                 backend="auto"):
+    def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
+                 c_max: Optional[float] = None, alpha: float = 0.08,
+                 num_oscillations: int = 5, s_min: float = 0.05, s_max: float = 0.20, normalize: bool = False,
+                 backend: str = "auto"):
+        super().__init__(total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend)
+        self.normalize = normalize
+
+    def forward(self, image_features, text_features, step=0, cluster_sizes=None, total_steps=None, tau=None,
+                output_dict: bool = False):
+        t = self.temperatures(cluster_sizes, step, total_steps, tau)
+        loss = Fn.adaptive_temperature_clip_loss(image_features, text_features, t, t, normalize=self.normalize,
+                                                 backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class MMTSMaxMarginLoss(_MMTS):
+    """MM-TS max-margin (the authors' ``MMTSMaxMarginRankingLoss``): margin m_i = τ_i(t), hinge in both
+    directions over all negatives, mean over the 2N(N−1) terms; features normalised (``fix_norm``).
+
+    ``forward(image_features, text_features, step, cluster_sizes=None, total_steps=None, tau=None)``.
+    """
+
+    def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
+                 c_max: Optional[float] = None, alpha: float = 0.08,
+                 num_oscillations: int = 5, s_min: float = 0.05, s_max: float = 0.20, backend: str = "auto"):
+        super().__init__(total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend)
+
+    def forward(self, image_features, text_features, step=0, cluster_sizes=None, total_steps=None, tau=None,
+                output_dict: bool = False):
+        m = self.temperatures(cluster_sizes, step, total_steps, tau)
+        loss = Fn.max_margin_loss(image_features, text_features, m, normalize=True, backend=self.backend)
+        return {"margin_loss": loss} if output_dict else loss
+
+
+class DensityTemperatureClipLoss(nn.Module):
+    """This package's extension (not MM-TS): InfoNCE with a per-sample τ from the in-batch k-NN density.
+
+    τ(step) follows :func:`cosine_schedule` between ``tau_min`` and ``tau_max`` with period
+    total_steps / num_oscillations; with ``per_sample=True`` each side's τ_i comes from
+    :func:`density_temperature` around τ(step) (a statistic of the current batch, no gradient). MM-TS itself
+    uses dataset-wide cluster sizes: :class:`MMTSClipLoss`.
+    """
+
+    def __init__(self, total_steps: int, tau_min=0.01, tau_max=0.1, num_oscillations=5, per_sample=True, k=8,
+                 normalize=True, backend="auto"):
         super().__init__()
         if not 0 < tau_min <= tau_max:
             raise ValueError(f"need 0 < tau_min <= tau_max, got {tau_min}, {tau_max}")
-        self.tau_min, self.tau_max, self.period = float(tau_min), float(tau_max), int(period)
+        total_steps = V.check_positive_int("total_steps", total_steps)
+        num_oscillations = V.check_positive_int("num_oscillations", num_oscillations)
+        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
+        self.period = max(1, total_steps // num_oscillations)
         self.per_sample, self.k, self.normalize, self.backend = per_sample, int(k), normalize, backend
 
     def temperatures(self, image_features, text_features, step):
@@ -193,17 +273,20 @@ class AdaptiveTemperatureClipLoss(nn.Module):
 
 
 class MaxMarginLoss(nn.Module):
-    """MM-TS max-margin variant: hinge with a margin scheduled between ``margin_min`` and ``margin_max``."""
+    """Max-margin ranking loss with a fixed margin (the AVION baseline of MM-TS: 0.2, mean over all terms).
 
-    def __init__(self, margin_min=0.1, margin_max=0.3, period=10000, hardest=False, normalize=True, backend="auto"):
+    ``hardest=True`` (VSE++) and ``reduction="sum"`` are this package's extensions. A scheduled margin:
+    ``fastcontrast.max_margin_loss(x, y, margin=cosine_schedule(...))``.
+    """
+
+    def __init__(self, margin=0.2, hardest=False, normalize=True, reduction="mean", backend="auto"):
         super().__init__()
-        self.margin_min, self.margin_max, self.period = float(margin_min), float(margin_max), int(period)
-        self.hardest, self.normalize, self.backend = hardest, normalize, backend
+        self.margin, self.hardest, self.normalize = margin, hardest, normalize
+        self.reduction, self.backend = reduction, backend
 
-    def forward(self, image_features, text_features, step=0, labels=None, output_dict: bool = False):
-        m = Fn.cosine_schedule(float(step), self.period, self.margin_min, self.margin_max)
-        loss = Fn.max_margin_loss(image_features, text_features, m, labels=labels, hardest=self.hardest,
-                                  normalize=self.normalize, backend=self.backend)
+    def forward(self, image_features, text_features, labels=None, output_dict: bool = False):
+        loss = Fn.max_margin_loss(image_features, text_features, self.margin, labels=labels, hardest=self.hardest,
+                                  normalize=self.normalize, reduction=self.reduction, backend=self.backend)
         return {"margin_loss": loss} if output_dict else loss
 
 

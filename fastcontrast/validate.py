@@ -65,6 +65,12 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
         inp.pop("logit_scale")
         return inp
 
+    def mmts_margin_make(g, dev, dt):  # margin m_i = τ_i(t), MM-TS's per-pair margin
+        inp = margin_make(g, dev, dt)
+        sizes = torch.randint(1, 50, (n,), generator=g).to(dev)
+        inp["margin"] = Fn.mmts_temperature(sizes, 7, 100, 1, 49)
+        return inp
+
     def codebook_make(g, dev, dt):
         return {
             "image_features": _randn(g, (n, d), dev, dt), "text_features": _randn(g, (n, d), dev, dt),
@@ -83,8 +89,10 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
              lambda backend, **kw: Fn.adaptive_temperature_clip_loss(**kw, normalize=True, backend=backend)),
         Case("siglip_loss", "siglip", _clip_inputs(n, m, d),
              lambda backend, **kw: Fn.siglip_loss(**kw, logit_bias=-2.0, backend=backend)),
-        Case("max_margin(sum)", "max_margin", margin_make,
+        Case("max_margin(mean)", "max_margin", margin_make,
              lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, backend=backend)),
+        Case("max_margin(mmts margin)", "max_margin", mmts_margin_make,
+             lambda backend, **kw: Fn.max_margin_loss(**kw, backend=backend)),
         Case("max_margin(hardest)", "max_margin", margin_make,
              lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=True, backend=backend)),
         Case("codebook_loss", "swapped_prediction", codebook_make,

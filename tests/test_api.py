@@ -25,15 +25,16 @@ def test_modules_match_functional():
     loss.backward()
     assert m.log_scale.grad is not None and torch.isfinite(m.log_scale.grad)
     assert torch.allclose(loss, fc.oblique_clip_loss(xt, yt, 2.0))
-    mm = fc.MaxMarginLoss(margin_min=0.1, margin_max=0.3, period=100)
-    assert torch.allclose(mm(x, y, step=50), fc.max_margin_loss(x, y, 0.1))
+    mm = fc.MaxMarginLoss()  # the AVION baseline: fixed margin 0.2, mean over all hinge terms
+    assert torch.allclose(mm(x, y), fc.max_margin_loss(x, y, 0.2))
+    assert torch.allclose(fc.MaxMarginLoss(0.1, reduction="sum")(x, y), fc.max_margin_loss(x, y, 0.1, reduction="sum"))
 
 
-def test_adaptive_module_uses_schedule_and_density():
+def test_density_module_uses_schedule_and_density():
     x, y = torch.randn(10, 8), torch.randn(10, 8)
-    mod = fc.AdaptiveTemperatureClipLoss(tau_min=0.02, tau_max=0.2, period=100, per_sample=False)
+    mod = fc.DensityTemperatureClipLoss(total_steps=500, tau_min=0.02, tau_max=0.2, per_sample=False)
     assert torch.allclose(mod(x, y, step=0), fc.adaptive_temperature_clip_loss(x, y, 0.2, normalize=True))
-    mod = fc.AdaptiveTemperatureClipLoss(tau_min=0.02, tau_max=0.2, period=100, per_sample=True, k=3)
+    mod = fc.DensityTemperatureClipLoss(total_steps=500, tau_min=0.02, tau_max=0.2, per_sample=True, k=3)
     ti, tt = mod.temperatures(x, y, 25)
     assert ti.shape == (10,) and ((ti >= 0.02) & (ti <= 0.2)).all()
     assert torch.isfinite(mod(x, y, step=25))

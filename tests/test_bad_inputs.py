@@ -88,7 +88,7 @@ def test_adaptive_bad_inputs():
     with pytest.raises(ValueError, match="tau_image must be > 0"):
         fc.adaptive_temperature_clip_loss(X, Y, torch.tensor([0.1, 0.1, 0.0, 0.1]), torch.full((4,), 0.1))
     with pytest.raises(ValueError, match="tau_text is required"):
-        fc.adaptive_temperature_clip_loss(X, Y, torch.full((4,), 0.1))
+        fc.adaptive_temperature_clip_loss(X, torch.randn(5, 8), torch.full((4,), 0.1))
     with pytest.raises(ValueError, match=r"tau_text must be a scalar or have shape \(4,\)"):
         fc.adaptive_temperature_clip_loss(X, Y, 0.1, torch.full((3,), 0.1))
     with pytest.raises(ValueError, match="tau_image contains non-finite"):

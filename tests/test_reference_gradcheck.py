@@ -57,6 +57,8 @@ def test_max_margin_reference(hardest):
     x, y = leaf(5, 6), leaf(5, 6)
     # margin large enough that every hinge is active or clearly inactive away from kinks (random data)
     assert gradcheck(lambda x, y: max_margin_loss_reference(x, y, 0.3, hardest=hardest), (x, y))
+    m = torch.linspace(0.1, 0.4, 5, dtype=torch.float64)  # per-pair margins (MM-TS)
+    assert gradcheck(lambda x, y: max_margin_loss_reference(x, y, m, hardest=hardest), (x, y))
 
 
 def test_swapped_prediction_and_codebook_reference():

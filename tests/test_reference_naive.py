@@ -70,21 +70,30 @@ def test_oblique_matches_naive_and_flat_route():
 
 
 @pytest.mark.parametrize("hardest", [False, True])
-def test_max_margin_matches_naive(hardest):
-    n, m, mg = 5, 7, 0.25
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_max_margin_matches_naive(hardest, reduction, per_sample):
+    n, m = 5, 7
     x, y = torch.randn(n, 4, **D), torch.randn(m, 4, **D)
     labels = torch.tensor([3, 0, 6, 6, 1])
-    got = fc.max_margin_loss(x, y, mg, labels=labels, hardest=hardest, normalize=False, backend="reference")
+    mg = [0.1, 0.25, 0.3, 0.05, 0.2] if per_sample else [0.25] * n
+    got = fc.max_margin_loss(x, y, torch.tensor(mg, **D) if per_sample else mg[0], labels=labels, hardest=hardest,
+                             normalize=False, reduction=reduction, backend="reference")
     s = (x @ y.T).tolist()
-    total = 0.0
+    total, terms = 0.0, 0
     for i in range(n):
         p = int(labels[i])
         pos = s[i][p]
-        r = [max(0.0, mg - pos + s[i][j]) for j in range(m) if j != p]
-        c = [max(0.0, mg - pos + s[k][p]) for k in range(n) if int(labels[k]) != p]
-        agg = max if hardest else sum
-        total += (agg(r) if r else 0.0) + (agg(c) if c else 0.0)
-    assert abs(float(got) - total / n) < 1e-10
+        r = [max(0.0, mg[i] - pos + s[i][j]) for j in range(m) if j != p]
+        c = [max(0.0, mg[i] - pos + s[k][p]) for k in range(n) if int(labels[k]) != p]
+        if hardest:
+            total += (max(r) if r else 0.0) + (max(c) if c else 0.0)
+            terms += 2
+        else:
+            total += sum(r) + sum(c)
+            terms += len(r) + len(c)
+    want = total / terms if reduction == "mean" else total / n
+    assert abs(float(got) - want) < 1e-10
 
 
 def test_codebook_matches_naive():

@@ -81,18 +81,33 @@ class HingeRows(torch.autograd.Function):
         return dah.to(a.dtype), dbh.to(b.dtype), (g * cnt).to(off.dtype), None, None, None, None
 
 
-def max_margin_fused(x: Tensor, y: Tensor, margin: float, labels: Tensor, hardest: bool, normalize: bool) -> Tensor:
-    """Bidirectional hinge, mean over positive pairs (same definition as the reference), O((N+M)·D) memory."""
+def negative_count(labels: Tensor, n_cols: int) -> Tensor:
+    """Number of hinge terms of both directions: N·(M−1) image→text plus N² − Σ_c n_c² text→image (n_c: rows
+    whose positive is column c), 2N(N−1) for the diagonal. On the device: no host read."""
+    n = labels.shape[0]
+    per_col = torch.zeros(n_cols, device=labels.device, dtype=torch.float64).index_add_(
+        0, labels, torch.ones(n, device=labels.device, dtype=torch.float64))
+    return n * (n_cols - 1) + n * n - (per_col * per_col).sum()
+
+
+def max_margin_fused(x: Tensor, y: Tensor, margin, labels: Tensor, hardest: bool, normalize: bool,
+                     reduction: str = "mean") -> Tensor:
+    """Bidirectional hinge with a scalar or per-pair margin (same definition and reductions as the reference),
+    O((N+M)·D) memory."""
     acc = torch.float32
     yp = y[labels]
     if normalize:
         xf, ypf = T.apply_tokens(x, T.inv_token_norms(x, 1)), T.apply_tokens(yp, T.inv_token_norms(yp, 1))
     else:
         xf, ypf = x.to(acc), yp.to(acc)
-    off = margin - (xf * ypf).sum(dim=1)  # o_i = m − S_{i,p(i)}, its gradient flows to both features
+    off = margin - (xf * ypf).sum(dim=1)  # o_i = m_i − S_{i,p(i)}, its gradient flows to both features
     cols = torch.arange(y.shape[0], device=y.device)
     i2t = HingeRows.apply(x, y, off, labels, cols, hardest, normalize)
     t2i = HingeRows.apply(yp, x, off, labels, labels, hardest, normalize)
+    if hardest:
+        return (i2t + t2i).mean() / 2 if reduction == "mean" else (i2t + t2i).mean()
+    if reduction == "mean":
+        return (i2t.sum() + t2i.sum()) / negative_count(labels, y.shape[0]).to(acc)
     return (i2t + t2i).mean()
 
 

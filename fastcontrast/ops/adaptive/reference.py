@@ -1,10 +1,49 @@
-"""Per-sample temperature, schedules and max-margin losses (SPEC §3, MM-TS)."""
+"""Per-sample temperature, schedules and max-margin losses (MM-TS), readable ground truth.
+
+MM-TS, as its authors' code computes it (SergShel/MM-TS @0010879):
+  τ_base(t) = (α/2)·cos(2πt/P), P = total_steps / num_oscillations      (avion/mmts_utils/temperature.py)
+  sh(c_i)   = (c_i − c_min)/(c_max − c_min)·(s_max − s_min) + s_min       (avion/mmts_utils/shift.py)
+  τ_i(t)    = τ_base(t) + sh(c_i), c_i the dataset-wide size of sample i's cluster
+  loss      = ½[CE(X Yᵀ/τ_i) + CE(Y Xᵀ/τ_i)], one τ_i for image row i and text row i;
+  max-margin: relu(τ_i − (S_ii − S_ij)) and relu(τ_i − (S_ii − S_ji)), j ≠ i, mean over all 2n(n−1) terms
+                                                                          (avion/avion/losses/losses.py)
+This package's extensions, not MM-TS: the in-batch k-NN density temperature (``local_density_reference``,
+``density_to_temperature``), the hardest-negative (VSE++) hinge and the "sum" reduction of the hinge.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+# MM-TS defaults (main_lavila_finetune_mir.py: --mmts-alpha, --mmts-num-oscillations, --mmts-shift-min/max)
+MMTS_ALPHA, MMTS_NUM_OSCILLATIONS, MMTS_SHIFT_MIN, MMTS_SHIFT_MAX = 0.08, 5, 0.05, 0.20
+
+
+def mmts_base_temperature(step, total_steps: int, alpha: float = MMTS_ALPHA,
+                          num_oscillations: int = MMTS_NUM_OSCILLATIONS):
+    """τ_base(t) = (α/2)·cos(2πt/P), P = int(total_steps / num_oscillations) (the official
+    ``number_steps_per_period``): a zero-mean oscillation, ``num_oscillations`` periods over the run."""
+    period = int(total_steps / num_oscillations)
+    if isinstance(step, torch.Tensor):
+        return 0.5 * alpha * torch.cos(2 * math.pi * step / period)
+    return 0.5 * alpha * math.cos(2 * math.pi * step / period)
+
+
+def cluster_shift(cluster_sizes: torch.Tensor, c_min: float, c_max: float, s_min: float = MMTS_SHIFT_MIN,
+                  s_max: float = MMTS_SHIFT_MAX) -> torch.Tensor:
+    """sh(c) = (c − c_min)/(c_max − c_min)·(s_max − s_min) + s_min: larger (denser) clusters, larger shift.
+    c_min, c_max: the smallest and largest cluster size over the whole dataset (not the batch)."""
+    acc = torch.float64 if cluster_sizes.dtype == torch.float64 else torch.float32
+    return (cluster_sizes.to(acc) - c_min) / (c_max - c_min) * (s_max - s_min) + s_min
+
+
+def mmts_temperature(cluster_sizes, step, total_steps, c_min, c_max, alpha=MMTS_ALPHA,
+                     num_oscillations=MMTS_NUM_OSCILLATIONS, s_min=MMTS_SHIFT_MIN, s_max=MMTS_SHIFT_MAX):
+    """τ_i(t) = τ_base(t) + sh(c_i): (N,) from each sample's dataset-wide cluster size (N,)."""
+    return mmts_base_temperature(step, total_steps, alpha, num_oscillations) + cluster_shift(
+        cluster_sizes, c_min, c_max, s_min, s_max)
 
 
 def cosine_schedule(step, total_steps, v_min, v_max):
@@ -62,10 +101,15 @@ def adaptive_temperature_clip_loss_reference(x, y, tau_image, tau_text, labels=N
     return (i2t + t2i) / 2
 
 
-def max_margin_loss_reference(x, y, margin, labels=None, hardest: bool = False, normalize: bool = True):
-    """Bidirectional hinge: Σ_{j∉pos} [m − S_{i,p(i)} + S_ij]_+ + Σ_{i'∉pos} [m − S_{i,p(i)} + S_{i',p(i)}]_+.
+def max_margin_loss_reference(x, y, margin, labels=None, hardest: bool = False, normalize: bool = True,
+                              reduction: str = "mean"):
+    """Bidirectional hinge: [m_i − S_{i,p(i)} + S_ij]_+ over columns j ∉ pos(i) and [m_i − S_{i,p(i)} + S_{i',p(i)}]_+
+    over rows i' that are not positives of column p(i); m scalar or per pair (N,).
 
-    Averaged over positive pairs (choice); ``hardest`` keeps only the largest violation per direction (VSE++).
+    reduction "mean" (MM-TS / AVION): mean over all those terms, 2n(n−1) of them for the diagonal. "sum" (this
+    package's earlier choice): sum over negatives, mean over pairs. ``hardest`` keeps only the largest violation
+    per pair and direction (VSE++, an extension): "mean" averages the 2n kept terms, "sum" adds the two
+    directions and averages over pairs.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(acc), y.to(acc)
@@ -77,13 +121,18 @@ def max_margin_loss_reference(x, y, margin, labels=None, hardest: bool = False, 
         labels = torch.arange(n, device=x.device)
     rows = torch.arange(n, device=x.device)
     pos = s[rows, labels]  # (N,)
+    marg = torch.as_tensor(margin, dtype=acc, device=x.device)
+    marg = marg[:, None] if marg.dim() == 1 else marg
     is_pos = torch.zeros(n, m_cols, dtype=torch.bool, device=s.device).scatter_(1, labels[:, None], True)  # E_ij
     # image→text: row i against every non-positive column
-    cost_row = (margin - pos[:, None] + s).clamp(min=0).masked_fill(is_pos, 0)
+    cost_row = (marg - pos[:, None] + s).clamp(min=0).masked_fill(is_pos, 0)
     # text→image: column p(i) against every row that is not a positive of that column
     col_s = s[:, labels].T  # (N pairs, N rows): S_{i', p(i)}
     col_is_pos = is_pos[:, labels].T
-    cost_col = (margin - pos[:, None] + col_s).clamp(min=0).masked_fill(col_is_pos, 0)
+    cost_col = (marg - pos[:, None] + col_s).clamp(min=0).masked_fill(col_is_pos, 0)
     if hardest:
-        return (cost_row.max(dim=1).values + cost_col.max(dim=1).values).mean()
+        total = cost_row.max(dim=1).values + cost_col.max(dim=1).values
+        return total.mean() / 2 if reduction == "mean" else total.mean()
+    if reduction == "mean":
+        return (cost_row.sum() + cost_col.sum()) / ((~is_pos).sum() + (~col_is_pos).sum())
     return (cost_row.sum(dim=1) + cost_col.sum(dim=1)).mean()
