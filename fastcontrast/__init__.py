@@ -10,6 +10,7 @@ from .functional import (
     density_temperature,
     max_margin_loss,
     mmts_temperature,
+    momentum_contrastive_loss,
     oblique_clip_loss,
     siglip_loss,
     sinkhorn,
@@ -17,8 +18,10 @@ from .functional import (
 from .modules import (
     ClipLoss,
     CodebookLoss,
+    CodisLoss,
     DensityTemperatureClipLoss,
     EMATeacher,
+    FeatureQueue,
     MaxMarginLoss,
     MMTSClipLoss,
     MMTSMaxMarginLoss,
@@ -32,6 +35,6 @@ __all__ = [
     "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
     "mmts_temperature", "density_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
     "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "MMTSClipLoss", "MMTSMaxMarginLoss", "DensityTemperatureClipLoss",
-    "MaxMarginLoss", "CodebookLoss", "EMATeacher",
+    "MaxMarginLoss", "CodebookLoss", "CodisLoss", "FeatureQueue", "EMATeacher", "momentum_contrastive_loss",
     "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]

@@ -114,8 +114,11 @@ def oblique_clip_loss(
 ) -> torch.Tensor:
     """InfoNCE on the oblique-manifold similarity S_ij = Σ_k ⟨x̂_ik, ŷ_jk⟩ ∈ [−K, K] (Sun).
 
-    image_tokens (N, K, d), text_tokens (M, K, d); each of the K tokens is normalised on its own sphere.
-    The range of S grows with K, so a fixed ``logit_scale`` of 1 is the paper's setting; a tensor is learnable.
+    image_tokens (N, K, d), text_tokens (M, K, d); each of the K tokens is normalised on its own sphere. The
+    paper's release (minogame/clip-mtob) uses K = 16 tokens of d = D/K = 32 (the width of one 512-d token) and
+    applies no temperature: the range [−K, K] comes from K, so ``logit_scale=1`` (the default) is the paper's
+    setup. CLIP's 1/0.07 is not: with K = 16 it stretches the logits to ±229. A tensor scale is learnable (an
+    extension).
     """
     V.check_features("image_tokens", image_tokens, 3)
     V.check_features("text_tokens", text_tokens, 3)
@@ -297,7 +300,31 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, back
     return impl(scores.detach(), epsilon, n_iters)
 
 
-@autocast_aware("image_features", "text_features", "teacher_image_features", "teacher_text_features", "codebook")
+def _check_queue(name: str, queue, like: torch.Tensor):
+    if queue is None:
+        return None
+    if not isinstance(queue, torch.Tensor) or queue.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (Q, {like.shape[1]}) of earlier teacher features")
+    if queue.shape[1] != like.shape[1]:
+        raise ValueError(f"{name} must have shape (Q, {like.shape[1]}) like the features, got {tuple(queue.shape)}")
+    if queue.device != like.device:
+        raise ValueError(f"{name} is on {queue.device} but the features are on {like.device}")
+    if queue.dtype != like.dtype:
+        raise TypeError(f"{name} is {queue.dtype} but the features are {like.dtype}; both must have one dtype")
+    return queue.detach() if queue.shape[0] else None  # an empty queue (the first steps) adds nothing
+
+
+def _global_sinkhorn(group) -> bool:
+    """Whether one Sinkhorn normalises the batches of ``group``'s ranks together (None: the world)."""
+    import torch.distributed as dist
+
+    if group is False or not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(group) > 1
+
+
+@autocast_aware("image_features", "text_features", "teacher_image_features", "teacher_text_features", "codebook",
+                "queue_image", "queue_text")
 def codebook_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -310,16 +337,22 @@ def codebook_loss(
     normalize_features: bool = True,
     normalize_codes: bool = True,
     return_stats: bool = False,
-    instance_weight: float = 0.0,
-    instance_logit_scale: Scalar = 1 / 0.07,
+    reduction: str = "mean",
+    queue_image: Optional[torch.Tensor] = None,
+    queue_text: Optional[torch.Tensor] = None,
+    sinkhorn_group=None,
     backend: str = "auto",
 ):
-    """CODIS swapped prediction: −Σ_k Q_txt(k) log P_img(k) − Σ_k Q_img(k) log P_txt(k), mean over the batch.
+    """CODIS swapped prediction (SwAV's form): ½[−Σ_k Q_txt(k) log P_img(k) − Σ_k Q_img(k) log P_txt(k)], mean over
+    the batch (``reduction="sum"`` adds the two directions instead of averaging them).
 
-    Student features (N, D) give P = softmax(⟨z, c_k⟩/τ) over the codebook (K, D); teacher features (N, D) give
-    Sinkhorn targets Q without gradient. ``return_stats`` also returns code usage and the dead-code count.
-    ``instance_weight`` > 0 adds that times the instance-level InfoNCE (:func:`clip_loss`, normalised features,
-    ``instance_logit_scale``) on the student features, through the same fused backend.
+    Student features (N, D) give P = softmax(⟨ẑ, ĉ_k⟩/τ) over the codebook (K, D); teacher features (N, D) give
+    Sinkhorn targets Q (no gradient). ``queue_image``/``queue_text`` (Q, D): earlier batches' teacher features
+    that take part in the Sinkhorn normalisation (SwAV's queue; targets are kept for the batch only). Under
+    torch.distributed the Sinkhorn normalises over the global batch, its column sums all-reduced (SwAV's
+    ``distributed_sinkhorn``): ``sinkhorn_group`` picks the group (default: the world; False: this process only).
+    Defaults are SwAV's (τ = 0.1, ε = 0.05, 3 iterations). ``return_stats`` adds code usage and dead codes (a host
+    read). Instance-level terms: :func:`momentum_contrastive_loss`, or :class:`CodisLoss` for the whole objective.
     """
     names = ("image_features", "text_features", "teacher_image_features", "teacher_text_features")
     feats = (image_features, text_features, teacher_image_features, teacher_text_features)
@@ -332,25 +365,77 @@ def codebook_loss(
         raise ValueError(f"codebook must have shape (K, {image_features.shape[1]}), got {tuple(codebook.shape)}")
     if codebook.device != image_features.device:
         raise ValueError(f"codebook is on {codebook.device} but the features are on {image_features.device}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' (SwAV) or 'sum', got {reduction!r}")
+    queue_image = _check_queue("queue_image", queue_image, teacher_image_features)
+    queue_text = _check_queue("queue_text", queue_text, teacher_text_features)
     tau = V.check_positive_float("tau", tau)
     epsilon = V.check_positive_float("epsilon", epsilon)
     n_iters = V.check_positive_int("n_iters", n_iters)
     V.check_finite(**dict(zip(names, feats)), codebook=codebook)
     dev = image_features.device
-    _, sk = resolve("sinkhorn", backend, dev)
     _, ce = resolve("swapped_prediction", backend, dev)
     nf, nc = bool(normalize_features), bool(normalize_codes)
-    q_img = sk(teacher_scores(teacher_image_features, codebook, nf, nc), epsilon, n_iters)
-    q_txt = sk(teacher_scores(teacher_text_features, codebook, nf, nc), epsilon, n_iters)
+    if not _global_sinkhorn(sinkhorn_group):
+        _, sk = resolve("sinkhorn", backend, dev)
+    else:
+        from .distributed import distributed_sinkhorn
+
+        def sk(scores, eps, iters):
+            return distributed_sinkhorn(scores, eps, iters, sinkhorn_group)
+    n = image_features.shape[0]
+
+    def targets(teacher, queue):
+        rows = teacher if queue is None else torch.cat([queue, teacher.detach()])
+        return sk(teacher_scores(rows, codebook, nf, nc), epsilon, n_iters)[-n:]
+
+    q_img, q_txt = targets(teacher_image_features, queue_image), targets(teacher_text_features, queue_text)
     loss = ce(image_features, q_txt, codebook, tau, nf, nc) + ce(text_features, q_img, codebook, tau, nf, nc)
-    instance_weight = V.check_positive_float("instance_weight", instance_weight, allow_zero=True)
-    if instance_weight > 0:
-        loss = loss + instance_weight * clip_loss(image_features, text_features, instance_logit_scale,
-                                                  normalize=True, backend=backend)
+    if reduction == "mean":
+        loss = loss / 2
     if not return_stats:
         return loss
     usage = torch.bincount(torch.cat([q_img.argmax(1), q_txt.argmax(1)]), minlength=codebook.shape[0])
     return loss, {"code_usage": usage, "dead_codes": int((usage == 0).sum()), "perplexity": _perplexity(usage)}
+
+
+@autocast_aware("query", "keys", "teacher_query", "queue")
+def momentum_contrastive_loss(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    teacher_query: Optional[torch.Tensor] = None,
+    queue: Optional[torch.Tensor] = None,
+    logit_scale: Scalar = 1 / 0.07,
+    alpha: float = 0.4,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Contrastive loss against a momentum teacher with momentum distillation (ALBEF's ITC, one direction):
+    −mean_i Σ_j T_ij log softmax_j(s·⟨q̂_i, k̂_j⟩), k = [keys; queue], T = α·softmax_j(s·⟨t̂_i, k̂_j⟩) + (1−α)·onehot(i).
+
+    query (N, D): student features (gradient); keys (N, D): the teacher's features of the other modality
+    (image→text) or of the same one (CODIS's intra-modal term), key i the positive of query i; queue (Q, D):
+    earlier teacher keys (extra negatives); teacher_query (N, D): the teacher's features of the query side,
+    required when α > 0. ``logit_scale`` s = 1/temperature (ALBEF learns it from 1/0.07). The fused backends never
+    build the N×(N+Q) matrix: lse tiled, the soft-target term as V = softmax(s·t̂K̂ᵀ)K̂ in row blocks.
+    """
+    V.check_features("query", query, 2)
+    V.check_features("keys", keys, 2)
+    V.check_pair("query", query, "keys", keys, same_batch=True)
+    if teacher_query is not None:
+        V.check_features("teacher_query", teacher_query, 2)
+        V.check_pair("query", query, "teacher_query", teacher_query, same_batch=True)
+    queue = _check_queue("queue", queue, keys)
+    alpha = V.check_positive_float("alpha", alpha, allow_zero=True)
+    if alpha > 1:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if alpha > 0 and teacher_query is None:
+        raise ValueError("teacher_query is required when alpha > 0 (the momentum teacher's soft targets)")
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, query)
+    V.check_finite(query=query, keys=keys, teacher_query=teacher_query, queue=queue)
+    _, impl = resolve("momentum_contrastive", backend, query.device)
+    return impl(query, keys.detach(), None if teacher_query is None else teacher_query.detach(), queue, scale,
+                alpha, bool(normalize))
 
 
 def _perplexity(usage: torch.Tensor) -> float:
@@ -360,5 +445,6 @@ def _perplexity(usage: torch.Tensor) -> float:
 
 __all__ = [
     "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
-    "density_temperature", "mmts_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
+    "density_temperature", "mmts_temperature", "sinkhorn", "codebook_loss", "momentum_contrastive_loss",
+    "cosine_schedule",
 ]

@@ -291,21 +291,130 @@ class MaxMarginLoss(nn.Module):
 
 
 class CodebookLoss(nn.Module):
-    """CODIS: a learnable codebook (K, D) and the swapped-prediction loss against Sinkhorn teacher targets."""
+    """CODIS's codebook term: a learnable codebook (K, D) and the swapped prediction against Sinkhorn targets of
+    the teacher features (SwAV's form and defaults: τ = 0.1, ε = 0.05, 3 iterations, directions averaged)."""
 
     def __init__(self, num_codes: int, dim: int, tau=0.1, epsilon=0.05, n_iters=3, normalize_features=True,
-                 normalize_codes=True, instance_weight=0.0, instance_logit_scale=1 / 0.07, backend="auto"):
+                 normalize_codes=True, reduction="mean", backend="auto"):
         super().__init__()
         self.codebook = nn.Parameter(torch.nn.functional.normalize(torch.randn(num_codes, dim), dim=-1))
-        self.tau, self.epsilon, self.n_iters = tau, epsilon, n_iters
+        self.tau, self.epsilon, self.n_iters, self.reduction = tau, epsilon, n_iters, reduction
         self.normalize_features, self.normalize_codes, self.backend = normalize_features, normalize_codes, backend
-        self.instance_weight, self.instance_logit_scale = instance_weight, instance_logit_scale
 
     def forward(self, image_features, text_features, teacher_image_features, teacher_text_features,
-                return_stats: bool = False):
+                return_stats: bool = False, queue_image=None, queue_text=None):
         return Fn.codebook_loss(
             image_features, text_features, teacher_image_features, teacher_text_features,
             self.codebook.to(image_features.dtype), self.tau, self.epsilon, self.n_iters,
-            self.normalize_features, self.normalize_codes, return_stats=return_stats,
-            instance_weight=self.instance_weight, instance_logit_scale=self.instance_logit_scale, backend=self.backend,
+            self.normalize_features, self.normalize_codes, return_stats=return_stats, reduction=self.reduction,
+            queue_image=queue_image, queue_text=queue_text, backend=self.backend,
         )
+
+
+class FeatureQueue(nn.Module):
+    """The last ``length`` rows of (teacher) features, a ring buffer: ALBEF's memory queue and SwAV's queue.
+
+    ``enqueue(x)`` stores ``x`` (detached; under torch.distributed with ``gather=True``, every rank's rows, as
+    ALBEF's ``concat_all_gather``); ``contents()`` the rows stored so far (empty at first: ALBEF starts from
+    random unit vectors, SwAV from zeros it skips until the queue is full; here nothing unreal is ever a
+    negative); ``recent(k)`` the k newest. The write position is host state: no device read per step.
+    """
+
+    def __init__(self, length: int, dim: int, dtype: torch.dtype = torch.float32, gather: bool = True):
+        super().__init__()
+        self.length = V.check_positive_int("length", length)
+        self.register_buffer("buffer", torch.zeros(self.length, V.check_positive_int("dim", dim), dtype=dtype))
+        self.ptr, self.filled, self.gather = 0, 0, gather
+
+    def get_extra_state(self):
+        return {"ptr": self.ptr, "filled": self.filled}
+
+    def set_extra_state(self, state):
+        self.ptr, self.filled = int(state["ptr"]), int(state["filled"])
+
+    def contents(self) -> torch.Tensor:
+        return self.buffer if self.filled == self.length else self.buffer[: self.filled]
+
+    def recent(self, k: int) -> torch.Tensor:
+        """The ``min(k, filled)`` newest rows."""
+        k = min(k, self.filled)
+        idx = (self.ptr - k + torch.arange(k, device=self.buffer.device)) % self.length
+        return self.buffer[idx]
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor) -> None:
+        V.check_features("x", x, 2)
+        if x.shape[1] != self.buffer.shape[1]:
+            raise ValueError(f"x must have shape (B, {self.buffer.shape[1]}) (the queue's width), got {tuple(x.shape)}")
+        if x.dtype != self.buffer.dtype or x.device != self.buffer.device:
+            raise TypeError(f"x is {x.dtype} on {x.device} but the queue holds {self.buffer.dtype} on "
+                            f"{self.buffer.device}")
+        import torch.distributed as dist
+
+        x = x.detach()
+        if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x.contiguous())
+            x = torch.cat(parts)
+        x = x[-self.length:]
+        b = x.shape[0]
+        idx = (self.ptr + torch.arange(b, device=x.device)) % self.length
+        self.buffer[idx] = x
+        self.ptr = (self.ptr + b) % self.length
+        self.filled = min(self.length, self.filled + b)
+
+
+class CodisLoss(nn.Module):
+    """CODIS's objective on SwAV's and ALBEF's definitions (CODIS itself has no public code):
+
+    * codebook: swapped prediction of the students against Sinkhorn targets of the momentum teachers, the
+      Sinkhorn over [queue; batch] (SwAV: ``sinkhorn_queue_length`` newest rows) and, under torch.distributed,
+      over the global batch;
+    * ``itc``: student image vs teacher text keys [batch; queue] and the reverse, with ALBEF's
+      momentum-distillation soft targets (α), averaged;
+    * ``intra``: student vs the teacher of the same modality, the same form (CODIS's intra-modal
+      student–teacher term; its exact weighting is not published: ``intra_weight``).
+
+    ``forward(image, text, teacher_image, teacher_text)`` -> dict with ``loss`` (the weighted sum) and each term;
+    then it enqueues the teacher features (ALBEF enqueues after the loss). The temperature of the instance terms
+    is learnable from 0.07, clamped to [0.001, 0.5] (ALBEF). Defaults: τ = 0.1, ε = 0.05, 3 iterations (SwAV);
+    α = 0.4, queue 65 536 (ALBEF); Sinkhorn queue 3 840 (SwAV's ImageNet setting).
+    """
+
+    def __init__(self, dim: int, num_codes: int, queue_length: int = 65536, sinkhorn_queue_length: int = 3840,
+                 tau: float = 0.1, epsilon: float = 0.05, n_iters: int = 3, alpha: float = 0.4, temp: float = 0.07,
+                 codebook_weight: float = 1.0, itc_weight: float = 1.0, intra_weight: float = 1.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.codebook_loss = CodebookLoss(num_codes, dim, tau, epsilon, n_iters, backend=backend)
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.queue_image = FeatureQueue(queue_length, dim)
+        self.queue_text = FeatureQueue(queue_length, dim)
+        self.sinkhorn_queue_length = int(sinkhorn_queue_length)
+        self.alpha, self.backend = float(alpha), backend
+        self.weights = {"codebook": codebook_weight, "itc": itc_weight, "intra": intra_weight}
+
+    def _contrast(self, query, keys, teacher_query, queue):
+        return Fn.momentum_contrastive_loss(query, keys, teacher_query, queue.to(keys.dtype), 1.0 / self.temp,
+                                            self.alpha, backend=self.backend)
+
+    def forward(self, image_features, text_features, teacher_image_features, teacher_text_features):
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        ti, tt = teacher_image_features.detach(), teacher_text_features.detach()
+        qi, qt = self.queue_image.contents(), self.queue_text.contents()
+        # the gathered queue is the same on every rank: in a global Sinkhorn it counts once (rank 0 adds it)
+        first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        sk_i = self.queue_image.recent(self.sinkhorn_queue_length).to(ti.dtype) if first else None
+        sk_t = self.queue_text.recent(self.sinkhorn_queue_length).to(tt.dtype) if first else None
+        out = {
+            "codebook": self.codebook_loss(image_features, text_features, ti, tt, queue_image=sk_i, queue_text=sk_t),
+            "itc": 0.5 * (self._contrast(image_features, tt, ti, qt) + self._contrast(text_features, ti, tt, qi)),
+            "intra": 0.5 * (self._contrast(image_features, ti, ti, qi) + self._contrast(text_features, tt, tt, qt)),
+        }
+        out["loss"] = sum(self.weights[k] * v for k, v in out.items())
+        self.queue_image.enqueue(torch.nn.functional.normalize(ti.to(self.queue_image.buffer.dtype), dim=-1))
+        self.queue_text.enqueue(torch.nn.functional.normalize(tt.to(self.queue_text.buffer.dtype), dim=-1))
+        return out

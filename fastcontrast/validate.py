@@ -78,6 +78,16 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
             "codebook": _randn(g, (11, d), dev, dt),
         }
 
+    def momentum_make(g, dev, dt):  # ALBEF/CODIS instance term: student queries vs teacher keys + a queue
+        return {"query": _randn(g, (n, d), dev, dt), "keys": _randn(g, (n, d), dev, dt),
+                "teacher_query": _randn(g, (n, d), dev, dt), "queue": _randn(g, (m, d), dev, dt),
+                "logit_scale": torch.tensor(1 / 0.07, dtype=torch.float32 if dt != torch.float64 else dt, device=dev)}
+
+    def codebook_queue_make(g, dev, dt):
+        inp = codebook_make(g, dev, dt)
+        inp["queue_image"], inp["queue_text"] = _randn(g, (m, d), dev, dt), _randn(g, (m, d), dev, dt)
+        return inp
+
     return [
         Case("clip_loss", "infonce", _clip_inputs(n, m, d),
              lambda backend, **kw: Fn.clip_loss(**kw, logit_bias=-1.5, normalize=False, backend=backend)),
@@ -97,6 +107,10 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
              lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=True, backend=backend)),
         Case("codebook_loss", "swapped_prediction", codebook_make,
              lambda backend, **kw: Fn.codebook_loss(**kw, tau=0.2, epsilon=0.1, n_iters=5, backend=backend)),
+        Case("codebook_loss(queue)", "swapped_prediction", codebook_queue_make,
+             lambda backend, **kw: Fn.codebook_loss(**kw, tau=0.2, epsilon=0.1, n_iters=5, backend=backend)),
+        Case("momentum_contrastive", "momentum_contrastive", momentum_make,
+             lambda backend, **kw: Fn.momentum_contrastive_loss(**kw, alpha=0.4, backend=backend)),
     ]
 
 

@@ -134,11 +134,3 @@ def test_end_to_end_student_recovers_clusters(seed):
     assert agree >= 0.95, agree  # image and text of one latent land on the same code
     assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:20]) / 20
     assert stats["dead_codes"] == 0
-
-
-def test_instance_infonce_term_is_added():
-    x, y = torch.randn(8, 16), torch.randn(8, 16)
-    cb = torch.randn(5, 16)
-    base = fc.codebook_loss(x, y, x, y, cb)
-    both = fc.codebook_loss(x, y, x, y, cb, instance_weight=0.5, instance_logit_scale=10.0)
-    assert torch.allclose(both, base + 0.5 * fc.clip_loss(x, y, 10.0, normalize=True))

@@ -41,6 +41,16 @@ def _worker(rank, world, init_file, out_dir, mode, uneven):
         y = y_all[sl].clone().requires_grad_()
         if uneven and rank == 0:
             x, y = x[:-1].detach().requires_grad_(), y[:-1].detach().requires_grad_()
+        if mode == "codebook":  # SwAV's global Sinkhorn: targets over every rank's rows (+ rank 0's queue)
+            g = torch.Generator().manual_seed(11)
+            cb, queue = torch.randn(5, D, generator=g), torch.randn(7, D, generator=g)
+            scores = x_all @ cb.T
+            from fastcontrast.distributed import distributed_sinkhorn
+            q = distributed_sinkhorn(scores[sl], 0.05, 3)
+            loss = fc.codebook_loss(x, y, x.detach() * 2, y.detach() * 2, cb, queue_image=queue if rank == 0 else None,
+                                    queue_text=queue if rank == 0 else None)
+            torch.save(dict(q=q, loss=loss.detach()), os.path.join(out_dir, f"r{rank}.pt"))
+            return
         siglip = isinstance(mode, str) and mode.startswith("siglip")
         with warnings.catch_warnings(record=True) as seen:  # what fastcontrast's own calls warn
             warnings.simplefilter("always")
@@ -154,3 +164,18 @@ def test_siglip_distributed_equals_open_clip(world, impl):
     if "oc_loss" not in results[0]:
         pytest.skip("open-clip-torch is not installed")
     _assert_equal_open_clip(results)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_sinkhorn_equals_one_process_on_the_global_batch(world):
+    results = _run(world, "codebook")
+    x_all, y_all = _data(world)
+    g = torch.Generator().manual_seed(11)
+    cb, queue = torch.randn(5, D, generator=g), torch.randn(7, D, generator=g)
+    q_all = fc.sinkhorn(x_all @ cb.T, 0.05, 3, backend="reference")
+    for r, res in enumerate(results):
+        assert rel_err(res["q"], q_all[r * N_LOCAL:(r + 1) * N_LOCAL]) <= 1e-5
+    # the mean over ranks of each rank's loss is the loss of one process on the whole batch and the queue
+    want = fc.codebook_loss(x_all, y_all, x_all * 2, y_all * 2, cb, queue_image=queue, queue_text=queue,
+                            backend="reference")
+    assert rel_err(sum(res["loss"] for res in results) / world, want) <= 1e-5

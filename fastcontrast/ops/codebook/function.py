@@ -154,13 +154,48 @@ def swapped_prediction_fused(z: Tensor, q: Tensor, codebook: Tensor, tau: float,
     return (q.sum(dim=1) * lse - target).mean()
 
 
+@torch.no_grad()
+def soft_target_values(t: Tensor, k: Tensor, scale: Tensor) -> Tensor:
+    """V_i = Σ_j softmax_j(s·⟨t_i, k_j⟩)·k_j (N, D), a row block at a time (a byte budget, never N×M): the
+    momentum teacher's soft targets, already multiplied into the keys (attention with values = keys)."""
+    v = torch.empty_like(t)
+    step = T.rows_per_block(t.shape[0], k.shape[0], t.element_size())
+    for i0 in range(0, t.shape[0], step):
+        v[i0:i0 + step] = torch.softmax(scale * (t[i0:i0 + step] @ k.T), dim=1) @ k
+    return v
+
+
+def momentum_contrastive_fused(query: Tensor, keys: Tensor, teacher_query, queue, logit_scale: Tensor,
+                               alpha: float, normalize: bool, impl: str = "triton") -> Tensor:
+    """ALBEF's contrastive term with momentum distillation without an N×(N+Q) matrix:
+    −Σ_j T_ij log softmax_j(L_ij) = lse_i(L) − s·⟨q̂_i, α·V_i + (1 − α)·k̂_i⟩, V the teacher-softmax-weighted
+    keys (no gradient), lse from the tiled ``lse_pair`` (gradients to the query and the scale)."""
+    acc = T.acc_dtype(query)
+    n = query.shape[0]
+    s = logit_scale.to(acc)
+    with torch.no_grad():
+        k = keys if queue is None else torch.cat([keys, queue.to(keys.dtype)])
+        kh = T.apply_tokens(k, T.inv_token_norms(k, 1)) if normalize else k.to(acc)
+    zero = torch.zeros((), device=query.device, dtype=acc)
+    lse, _ = lse_pair(query, k.to(query.dtype), s.expand(n), s.expand(k.shape[0]), zero, normalize, 1, impl)
+    qh = T.apply_tokens(query, T.inv_token_norms(query, 1)) if normalize else query.to(acc)
+    target = kh[:n]
+    if alpha > 0:
+        th = T.apply_tokens(teacher_query, T.inv_token_norms(teacher_query, 1)) if normalize else \
+            teacher_query.to(acc)
+        target = alpha * soft_target_values(th.detach(), kh, s.detach()) + (1 - alpha) * target
+    return (lse - s * (qh * target).sum(dim=1)).mean()
+
+
 if _TRITON_IMPORT_ERROR is None:
     import triton  # noqa: E402
 
+    register("momentum_contrastive", "triton")(functools.partial(momentum_contrastive_fused, impl="triton"))
     register("sinkhorn", "triton")(sinkhorn_fused)
     register("swapped_prediction", "triton")(functools.partial(swapped_prediction_fused, impl="triton"))
 
 # the C++ kernels of csrc/ (offered only when the extension is built; the dispatcher says so otherwise)
 for _b in ("cpu", "cuda"):
+    register("momentum_contrastive", _b)(functools.partial(momentum_contrastive_fused, impl=_b))
     register("sinkhorn", _b)(functools.partial(sinkhorn_ext, impl=_b))
     register("swapped_prediction", _b)(functools.partial(swapped_prediction_fused, impl=_b))

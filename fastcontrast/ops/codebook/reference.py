@@ -1,4 +1,10 @@
-"""Cluster-softmax codebook losses (SPEC §4, CODIS): Sinkhorn–Knopp targets and swapped prediction."""
+"""Cluster-softmax codebook losses (CODIS), readable ground truth.
+
+CODIS has no public code; it builds on SwAV for the codebook (facebookresearch/swav ``main_swav.py``: Sinkhorn with
+ε = 0.05 and 3 iterations, prototypes L2-normalised, τ = 0.1, the swapped directions averaged, a queue of earlier
+batches in the Sinkhorn) and on ALBEF for the momentum teacher (salesforce/ALBEF ``models/model_pretrain.py``:
+EMA m = 0.995, memory queues of teacher features, momentum-distillation soft targets α = 0.4).
+"""
 from __future__ import annotations
 
 import copy
@@ -59,17 +65,50 @@ def teacher_scores(teacher_features, codebook, normalize_features=True, normaliz
 
 def codebook_loss_reference(
     image_features, text_features, teacher_image_features, teacher_text_features, codebook,
-    tau=0.1, epsilon=0.05, n_iters=3, normalize_features=True, normalize_codes=True,
+    tau=0.1, epsilon=0.05, n_iters=3, normalize_features=True, normalize_codes=True, reduction="mean",
+    queue_image=None, queue_text=None,
 ):
-    """−Σ_k Q_text(k) log P_image(k) − Σ_k Q_image(k) log P_text(k), averaged over the batch.
+    """½[−Σ_k Q_text(k) log P_image(k) − Σ_k Q_image(k) log P_text(k)], averaged over the batch (SwAV's mean of
+    the swapped directions; ``reduction="sum"`` adds them).
 
-    P = softmax(⟨z, c⟩/τ) from the student; Q = Sinkhorn(⟨z_teacher, c⟩) with no gradient.
+    P = softmax(⟨z, c⟩/τ) from the student; Q = Sinkhorn(⟨z_teacher, c⟩) with no gradient, over the rows of
+    ``queue_*`` (earlier teacher features) and the batch, kept for the batch only.
     """
     nf, nc = normalize_features, normalize_codes
-    q_img = sinkhorn_reference(teacher_scores(teacher_image_features, codebook, nf, nc), epsilon, n_iters)
-    q_txt = sinkhorn_reference(teacher_scores(teacher_text_features, codebook, nf, nc), epsilon, n_iters)
-    return (swapped_prediction_reference(image_features, q_txt, codebook, tau, nf, nc)
-            + swapped_prediction_reference(text_features, q_img, codebook, tau, nf, nc))
+    n = image_features.shape[0]
+
+    def targets(teacher, queue):
+        rows = teacher if queue is None else torch.cat([queue.to(teacher.dtype), teacher])
+        return sinkhorn_reference(teacher_scores(rows, codebook, nf, nc), epsilon, n_iters)[-n:]
+
+    q_img, q_txt = targets(teacher_image_features, queue_image), targets(teacher_text_features, queue_text)
+    total = (swapped_prediction_reference(image_features, q_txt, codebook, tau, nf, nc)
+             + swapped_prediction_reference(text_features, q_img, codebook, tau, nf, nc))
+    return total / 2 if reduction == "mean" else total
+
+
+def momentum_contrastive_reference(query, keys, teacher_query=None, queue=None, logit_scale=1 / 0.07, alpha=0.4,
+                                   normalize=True):
+    """ALBEF's image-text contrastive term with momentum distillation, one direction, materialised:
+    −mean_i Σ_j T_ij log softmax_j(s·⟨q̂_i, k̂_j⟩) over the keys k = [teacher keys of the batch; queue], with
+    T = α·softmax_j(s·⟨t̂_i, k̂_j⟩) + (1 − α)·onehot(i) (t: the teacher's query features; no gradient).
+
+    query (N, D) student; keys (N, D) teacher features of the other (or, intra-modal, the same) modality,
+    positive i ↔ i; queue (Q, D) earlier teacher keys; teacher_query (N, D) needed when α > 0.
+    """
+    acc = _acc(query)
+    q = F.normalize(query.to(acc), dim=-1) if normalize else query.to(acc)
+    with torch.no_grad():
+        k = keys if queue is None else torch.cat([keys, queue.to(keys.dtype)])
+        k = F.normalize(k.to(acc), dim=-1) if normalize else k.to(acc)
+        s = torch.as_tensor(logit_scale, dtype=acc, device=query.device).detach()
+        target = torch.zeros(q.shape[0], k.shape[0], dtype=acc, device=query.device)
+        target[torch.arange(q.shape[0]), torch.arange(q.shape[0])] = 1.0
+        if alpha > 0:
+            t = F.normalize(teacher_query.to(acc), dim=-1) if normalize else teacher_query.to(acc)
+            target = alpha * torch.softmax(s * t @ k.T, dim=1) + (1 - alpha) * target
+    logits = torch.as_tensor(logit_scale, dtype=acc, device=query.device) * q @ k.T
+    return -(torch.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
 
 
 class EMATeacher(nn.Module):
