@@ -17,8 +17,9 @@ def main(argv=None) -> int:
     v.add_argument("--seeds", type=int, default=3, help="number of random seeds per case (default 3)")
     sub.add_parser("backends", help="list backends and why any is unavailable")
     b = sub.add_parser("bench", help="time and memory of the fused loss against its baselines, in one run")
-    b.add_argument("--ops", default=",".join(("clip", "oblique", "adaptive", "margin", "codebook")),
-                   help="comma-separated ops (default: all)")
+    b.add_argument("--ops", default="clip,siglip,oblique,mmts,mmts_margin,codebook,momentum",
+                   help="comma-separated ops (default: all of clip, siglip, oblique, mmts, mmts_margin, codebook, "
+                   "momentum)")
     b.add_argument("--sizes", default=None, help="comma-separated batch sizes (default: 512,1024,2048 on CPU; "
                    "4096,16384,65536 on CUDA)")
     b.add_argument("--dim", type=int, default=None, help="feature dim (default 256 on CPU, 768 on CUDA)")
@@ -29,16 +30,21 @@ def main(argv=None) -> int:
     b.add_argument("--reps", type=int, default=7)
     b.add_argument("--impls", default=None, help="comma-separated substrings: keep only matching implementations "
                    "(e.g. 'cpu,eager,compiled')")
-    b.add_argument("--out", default="benchmarks/out", help="folder for bench.csv, bench.md, bench.png")
+    b.add_argument("--out", default="benchmarks/out",
+                   help="folder for bench.csv, bench.md, bench.png (default: benchmarks/out, relative to the "
+                   "current directory; the bench prints the absolute path it wrote)")
+    b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     args = p.parse_args(argv)
     cmd = args.cmd or "validate"
     if cmd == "backends":
-        from .dispatch import BACKENDS, unavailable_reason
+        from .dispatch import BACKENDS, _registry, crossover, unavailable_reason
         from . import ops  # noqa: F401
         for dev in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
-            for b in BACKENDS:
-                r = unavailable_reason("infonce", b, torch.device(dev))
-                print(f"{dev:5s} {b:10s} {'available' if r is None else 'unavailable: ' + r}")
+            print(f"## {dev} (auto: the materialised path up to N·M = {crossover(dev)}, fused above)")
+            for op in sorted({o for o, _ in _registry}):
+                for b in BACKENDS:
+                    r = unavailable_reason(op, b, torch.device(dev))
+                    print(f"{op:22s} {b:10s} {'available' if r is None else 'unavailable: ' + r}")
         return 0
     if cmd == "bench":
         from .bench import run
@@ -47,7 +53,8 @@ def main(argv=None) -> int:
         sizes = [int(v) for v in (args.sizes or ("4096,16384,65536" if gpu else "512,1024,2048")).split(",")]
         dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
         run(sizes, args.dim or (768 if gpu else 256), dtype, dev, out_dir=args.out, with_compile=not args.no_compile,
-            reps=args.reps, ops=tuple(args.ops.split(",")), impls=args.impls.split(",") if args.impls else None)
+            reps=args.reps, ops=tuple(args.ops.split(",")), impls=args.impls.split(",") if args.impls else None,
+            progress=not args.no_progress)
         return 0
     from .validate import run_validation
     dtypes = [getattr(torch, d) for d in (getattr(args, "dtype", None) or ["float32", "bfloat16"])]

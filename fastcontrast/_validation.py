@@ -141,15 +141,16 @@ def check_vector(name: str, t, length: int, like: torch.Tensor, positive: bool =
     return t
 
 
-def check_labels(labels, n_rows: int, n_cols: int, like: torch.Tensor) -> torch.Tensor:
-    """Positive column per row. Defaults to the diagonal, which needs n_rows == n_cols."""
+def check_labels(labels, n_rows: int, n_cols: int, like: torch.Tensor, diagonal_as_none: bool = False):
+    """Positive column per row. Defaults to the diagonal, which needs n_rows == n_cols; with
+    ``diagonal_as_none`` the default stays None (implementations that take None skip an index tensor)."""
     if labels is None:
         if n_rows != n_cols:
             raise ValueError(
                 f"labels are required when the two batches differ in size ({n_rows} image vs {n_cols} text rows): "
                 "pass labels of shape (N_image,) giving each image's positive text index"
             )
-        return torch.arange(n_rows, device=like.device)
+        return None if diagonal_as_none else torch.arange(n_rows, device=like.device)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of dtype int64, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):

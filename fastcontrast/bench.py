@@ -1,12 +1,16 @@
-"""Speed and memory of the InfoNCE family against its baselines, measured in one run.
+"""Speed and memory of every loss against its baselines, measured in one run.
 
-``python -m fastcontrast bench [--ops clip,margin] [--sizes 1024,4096] [--dim 512] [--dtype bfloat16] [--out DIR]``
-prints a markdown table per op (median forward and forward+backward time, peak extra memory, ratios to the eager
-reference, and the floor: max(FLOPs / measured matmul rate, bytes / measured copy rate)) and writes
-``bench.csv``, ``bench.md`` and ``bench.png`` (time and memory against batch size, log-log; needs matplotlib).
+``python -m fastcontrast bench [--ops clip,siglip] [--sizes 1024,4096] [--dim 512] [--dtype bfloat16] [--out DIR]``
+prints a markdown table per op (min / median / max of forward and forward+backward time, peak extra memory,
+ratios to the eager reference measured in the same run, and the floor: max(FLOPs / measured matmul rate,
+bytes / measured copy rate)), a legend of the implementations, and writes ``bench.csv``, ``bench.md`` and
+``bench.png`` (time and memory against batch size, log-log) to ``--out`` (default ``benchmarks/out``), saying
+where. Rows whose spread is large (max > 1.5 × min) or whose forward exceeds forward+backward (a busy machine)
+are flagged: rerun them before quoting them.
 
 Baselines, each measured in the same run on the same inputs: the eager reference (materialises N×M), the
-``torch.compile``d reference, open_clip's ``ClipLoss`` when importable, Inf-CL's single-GPU ``cal_flash_loss`` (both directions) when installed.
+``torch.compile``d reference, open_clip's ``ClipLoss``/``SigLipLoss`` when importable, Inf-CL's single-GPU
+``cal_flash_loss`` (both directions) when installed.
 """
 from __future__ import annotations
 
@@ -28,9 +32,10 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], dev: torch.device, warmup: int = 2, reps: int = 7,
-              budget_s: float = 20.0, stat=statistics.median) -> float:
-    """Median (or ``stat``) wall time of ``fn`` in ms: CUDA events on GPU, perf_counter on CPU; no warm-up."""
+def time_ms(fn: Callable[[], object], dev: torch.device, warmup: int = 2, reps: int = 7,
+            budget_s: float = 20.0) -> List[float]:
+    """Wall times of ``fn`` in ms, one per repetition after ``warmup`` calls: CUDA events on GPU, perf_counter
+    on CPU; stops early (after at least 3) once ``budget_s`` is spent."""
     for _ in range(warmup):
         fn()
     _sync(dev)
@@ -50,7 +55,13 @@ def median_ms(fn: Callable[[], object], dev: torch.device, warmup: int = 2, reps
             times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - t_start > budget_s and len(times) >= 3:
             break
-    return stat(times)
+    return times
+
+
+def median_ms(fn: Callable[[], object], dev: torch.device, warmup: int = 2, reps: int = 7,
+              budget_s: float = 20.0, stat=statistics.median) -> float:
+    """``stat`` (the median) of :func:`time_ms`."""
+    return stat(time_ms(fn, dev, warmup, reps, budget_s))
 
 
 def peak_extra_bytes(fn: Callable[[], object], dev: torch.device) -> int:
@@ -89,11 +100,11 @@ def copy_gbps(dev: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ candidates
-def _open_clip_loss():
+def _open_clip_loss(name: str = "ClipLoss"):
     from ._compat import open_clip_loss_module
 
     mod = open_clip_loss_module()
-    return None if mod is None else mod.ClipLoss()
+    return None if mod is None else getattr(mod, name)()
 
 
 def _inf_cl():
@@ -105,9 +116,22 @@ def _inf_cl():
     return lambda x, y, s: 0.5 * (cal_flash_loss(x, y, scale=s).mean() + cal_flash_loss(y, x, scale=s).mean())
 
 
-OPS = ("clip", "oblique", "adaptive", "margin", "codebook")
-_DISPATCH_OP = {"clip": "infonce", "oblique": "infonce", "adaptive": "infonce", "margin": "max_margin",
-                "codebook": "swapped_prediction"}
+OPS = ("clip", "siglip", "oblique", "mmts", "mmts_margin", "codebook", "momentum")
+_DISPATCH_OP = {"clip": "infonce", "siglip": "siglip", "oblique": "infonce", "mmts": "infonce",
+                "mmts_margin": "max_margin", "codebook": "swapped_prediction", "momentum": "momentum_contrastive"}
+
+# What each implementation name in the tables means.
+LEGEND = {
+    "fastcontrast[triton]": "fused Triton kernels (tiled, never N×N; the default on CUDA)",
+    "fastcontrast[cuda]": "fused CUDA kernels of csrc/ (backend='cuda')",
+    "fastcontrast[cpu]": "fused C++ CPU kernels of csrc/ (BLAS row blocks; the default on CPU when built)",
+    "fastcontrast[torch-tiles]": "the same tiling in plain PyTorch blocks: what runs without the C++ extension",
+    "reference (eager)": "fastcontrast's readable reference: materialises the N×N logits, eager PyTorch",
+    "reference (compiled)": "the same reference under torch.compile (fused by Inductor, still N×N)",
+    "open_clip ClipLoss": "open_clip.loss.ClipLoss (materialised logits)",
+    "open_clip SigLipLoss": "open_clip.loss.SigLipLoss (materialised logits)",
+    "Inf-CL (flash, 2 calls)": "Inf-CL's cal_flash_loss, once per direction (it is one-directional)",
+}
 
 
 def _codes(n: int) -> int:
@@ -124,46 +148,63 @@ def make_inputs(op: str, n: int, d: int, dev: torch.device, dtype: torch.dtype) 
     def scalar(v):
         return torch.tensor(v, device=dev, requires_grad=True)
 
+    def mmts_tau():  # MM-TS: τ_i(t) from dataset-wide cluster sizes (one τ per pair)
+        sizes = torch.randint(1, 1000, (n,), generator=g)
+        return Fn.mmts_temperature(sizes, 100, 10_000, 1, 999).to(dev)
+
     if op == "clip":
         return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(14.3)}
+    if op == "siglip":
+        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(10.0),
+                "logit_bias": scalar(-10.0)}
     if op == "oblique":
-        return {"image_tokens": feat(n, 4, d // 4), "text_tokens": feat(n, 4, d // 4), "logit_scale": scalar(4.0)}
-    if op == "adaptive":
-        tau = lambda: (0.02 + 0.08 * torch.rand(n, generator=g)).to(dev).requires_grad_()  # noqa: E731
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "tau_image": tau(), "tau_text": tau()}
-    if op == "margin":
-        return {"image_features": feat(n, d), "text_features": feat(n, d)}
+        return {"image_tokens": feat(n, 16, d // 16), "text_tokens": feat(n, 16, d // 16)}  # Sun: K = 16, scale 1
+    if op == "mmts":
+        return {"image_features": feat(n, d), "text_features": feat(n, d), "tau_image": mmts_tau()}
+    if op == "mmts_margin":
+        return {"image_features": feat(n, d), "text_features": feat(n, d), "margin": mmts_tau()}
     if op == "codebook":
         out = {k: feat(n, d) for k in ("image_features", "text_features")}
         out.update({k: feat(n, d).detach() for k in ("teacher_image_features", "teacher_text_features")})
         out["codebook"] = feat(_codes(n), d)
         return out
+    if op == "momentum":  # ALBEF/CODIS instance term: N queries against N teacher keys + a queue of 4N
+        return {"query": feat(n, d), "keys": feat(n, d).detach(), "teacher_query": feat(n, d).detach(),
+                "queue": feat(4 * n, d).detach(), "logit_scale": scalar(1 / 0.07)}
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
 
 def loss_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
     return {
         "clip": lambda **kw: Fn.clip_loss(**kw, backend=backend),
+        "siglip": lambda **kw: Fn.siglip_loss(**kw, backend=backend),
         "oblique": lambda **kw: Fn.oblique_clip_loss(**kw, backend=backend),
-        "adaptive": lambda **kw: Fn.adaptive_temperature_clip_loss(**kw, normalize=True, backend=backend),
-        "margin": lambda **kw: Fn.max_margin_loss(**kw, margin=0.2, backend=backend),
+        "mmts": lambda **kw: Fn.adaptive_temperature_clip_loss(**kw, backend=backend),
+        "mmts_margin": lambda **kw: Fn.max_margin_loss(**kw, backend=backend),
         "codebook": lambda **kw: Fn.codebook_loss(**kw, tau=0.1, epsilon=0.05, n_iters=3, backend=backend),
+        "momentum": lambda **kw: Fn.momentum_contrastive_loss(**kw, alpha=0.4, backend=backend),
     }[op]
 
 
 def flops(op: str, n: int, d: int) -> float:
-    """Floor of forward+backward: the similarity once, then one GEMM each for the two feature gradients."""
+    """Floor of forward+backward in FLOPs: the pairwise similarity once, then one GEMM each for the gradients
+    that exist (3 units of 2·N·M·d; the symmetric losses need both feature gradients)."""
     if op == "codebook":  # two sides × (scores + 2 grad GEMMs) + two teacher score matrices
         return 2 * 6 * n * _codes(n) * d + 2 * 2 * n * _codes(n) * d
+    if op == "momentum":  # student scores + the query gradient, plus the teacher's soft-target pass (2 GEMMs)
+        m = 5 * n
+        return 2 * n * m * d * 2 + 2 * n * m * d * 2
     return 6 * n * n * d
 
 
 def bytes_floor(op: str, n: int, d: int, elt: int) -> float:
     """Each input read once, each gradient written once."""
-    k = _codes(n) if op == "codebook" else 0
-    ins = (4 * n * d + k * d) if op == "codebook" else 2 * n * d
-    grads = (2 * n * d + k * d) if op == "codebook" else 2 * n * d
-    return (ins + grads) * elt
+    if op == "codebook":
+        k = _codes(n)
+        return (4 * n * d + k * d + 2 * n * d + k * d) * elt
+    if op == "momentum":
+        return (3 * n * d + 4 * n * d + n * d) * elt
+    return 4 * n * d * elt
 
 
 def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[str, Callable]:
@@ -188,6 +229,11 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
     out["reference (eager)"] = loss_fn(op, "reference")
     if with_compile:
         out["reference (compiled)"] = torch.compile(loss_fn(op, "reference"), dynamic=False)
+    if op == "siglip":
+        oc = _open_clip_loss("SigLipLoss")
+        if oc is not None:
+            out["open_clip SigLipLoss"] = lambda image_features, text_features, logit_scale, logit_bias: oc(
+                image_features, text_features, logit_scale, logit_bias)
     if op == "clip":
         oc = _open_clip_loss()
         if oc is not None:
@@ -201,28 +247,57 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
+SPREAD_FLAG = 1.5  # max/min of the repetitions above this: the row is noisy
+
+
+def _progress(i: int, total: int, label: str, stream=sys.stderr) -> None:
+    """A progress bar on stderr (no dependency): one self-overwriting line on a terminal, a line per row in a log."""
+    width = 24
+    done = int(width * i / max(total, 1))
+    line = f"[{'#' * done}{'.' * (width - done)}] {i}/{total} {label[:60]}"
+    if stream.isatty():
+        stream.write(f"\r{line:<100}" + ("\n" if i == total else ""))
+    else:
+        stream.write(line + "\n")
+    stream.flush()
+
+
+def _stats(prefix: str, times: List[float]) -> dict:
+    return {f"{prefix}_min_ms": min(times), f"{prefix}_ms": statistics.median(times), f"{prefix}_max_ms": max(times)}
+
+
+def _flags(row: dict) -> List[str]:
+    out = []
+    if row.get("fwd_bwd_min_ms", 0) > 0 and row["fwd_bwd_max_ms"] / row["fwd_bwd_min_ms"] > SPREAD_FLAG:
+        out.append(f"spread {row['fwd_bwd_max_ms'] / row['fwd_bwd_min_ms']:.1f}×")
+    if row["fwd_ms"] > row["fwd_bwd_ms"]:
+        out.append("fwd > fwd+bwd")
+    return out
+
+
 def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_dir: Optional[str] = None,
-        with_compile: bool = True, reps: int = 7, ops=OPS, impls: Optional[List[str]] = None, log=print):
+        with_compile: bool = True, reps: int = 7, ops=OPS, impls: Optional[List[str]] = None, log=print,
+        progress: bool = True):
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"ops: unknown {unknown}; expected some of {OPS}")
     peak = matmul_tflops(dev, dtype)
     bw = copy_gbps(dev)
     log(f"# device: {_device_name(dev)}; dtype {str(dtype).replace('torch.', '')}; d = {dim}; "
-        f"measured matmul {peak:.1f} TFLOP/s, copy {bw:.0f} GB/s (read + write)")
+        f"measured matmul {peak:.1f} TFLOP/s, copy {bw:.0f} GB/s (read + write); {reps} repetitions per row")
     rows = []
     work = [(op, n, name) for op in ops for n in sizes for name in candidates(op, dev, with_compile)  # lazy
             if not impls or any(k in name for k in impls)]
-    try:
-        from tqdm import tqdm  # progress bar when available
-        it = tqdm(work, file=sys.stderr, leave=False)
-    except Exception:  # noqa: BLE001
-        it = work
     cands, inputs, key = {}, {}, None
-    for op, n, name in it:
+    for i, (op, n, name) in enumerate(work):
+        if progress:
+            _progress(i, len(work), f"{op} N={n} {name}")
         if op not in cands:
             cands = {op: candidates(op, dev, with_compile)}
         if key != (op, n):
             key, inputs = (op, n), make_inputs(op, n, dim, dev, dtype)
         fn = cands[op][name]
-        leaves = [t for t in inputs.values() if t.requires_grad]
+        leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
         def fwd():
             with torch.no_grad():
@@ -235,36 +310,56 @@ def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_d
 
         row = {"op": op, "n": n, "d": dim, "impl": name}
         try:
-            row["fwd_ms"] = median_ms(fwd, dev, reps=reps)
-            row["fwd_bwd_ms"] = median_ms(fwd_bwd, dev, reps=reps)
+            row.update(_stats("fwd", time_ms(fwd, dev, reps=reps)))
+            row.update(_stats("fwd_bwd", time_ms(fwd_bwd, dev, reps=reps)))
             row["peak_mib"] = peak_extra_bytes(fwd_bwd, dev) / 2**20
+            notes = _flags(row)
             if dev.type == "cpu" and "compiled" in name:
                 # the CPU tracker is a dispatch mode, under which the compiled graph is not what runs
-                row["peak_mib"], row["note"] = float("nan"), "CPU peak not measurable for compiled graphs"
+                row["peak_mib"] = float("nan")
+                notes.append("CPU peak not measurable for compiled graphs")
+            if notes:
+                row["note"] = "; ".join(notes)
         except torch.cuda.OutOfMemoryError:
-            row.update(fwd_ms=float("nan"), fwd_bwd_ms=float("nan"), peak_mib=float("nan"), note="OOM")
+            row.update(_stats("fwd", [float("nan")]), **_stats("fwd_bwd", [float("nan")]), peak_mib=float("nan"),
+                       note="OOM")
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
-            row.update(fwd_ms=float("nan"), fwd_bwd_ms=float("nan"), peak_mib=float("nan"),
+            row.update(_stats("fwd", [float("nan")]), **_stats("fwd_bwd", [float("nan")]), peak_mib=float("nan"),
                        note=f"{type(e).__name__}: {str(e)[:60]}")
-        row["floor_ms"] = max(flops(op, n, dim) / (peak * 1e12),
-                              bytes_floor(op, n, dim, torch.finfo(dtype).bits // 8) / (bw * 1e9)) * 1e3
-        row["bound"] = "compute" if flops(op, n, dim) / peak / 1e12 > bytes_floor(
-            op, n, dim, torch.finfo(dtype).bits // 8) / bw / 1e9 else "memory"
+        elt = torch.finfo(dtype).bits // 8
+        t_flop, t_byte = flops(op, n, dim) / (peak * 1e12), bytes_floor(op, n, dim, elt) / (bw * 1e9)
+        row["floor_ms"], row["bound"] = max(t_flop, t_byte) * 1e3, "compute" if t_flop > t_byte else "memory"
         rows.append(row)
+    if progress:
+        _progress(len(work), len(work), "done")
     _ratios(rows)
     table = to_markdown(rows)
     log(table)
+    log(legend(rows))
     if out_dir:
+        out_dir = os.path.abspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
             w.writeheader()
             w.writerows(rows)
         with open(os.path.join(out_dir, "bench.md"), "w") as f:
-            f.write(table + "\n")
-        plot(rows, os.path.join(out_dir, "bench.png"))
+            f.write(table + "\n\n" + legend(rows) + "\n")
+        png = plot(rows, os.path.join(out_dir, "bench.png"))
+        log(f"\nwrote {out_dir}/bench.csv, bench.md" + (", bench.png" if png else "")
+            + ("" if png else "\nno bench.png: matplotlib is not installed (pip install matplotlib, or "
+                              "pip install 'fastcontrast[bench]')"))
     return rows
+
+
+def legend(rows) -> str:
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    lines = ["Implementations:"] + [f"- {n}: {LEGEND.get(n, '')}" for n in names]
+    lines.append(f"Times: min / median / max of the repetitions (ms). Flagged: spread max/min > {SPREAD_FLAG}, "
+                 "or forward slower than forward+backward (a busy machine: rerun before quoting).")
+    lines.append("floor: max(FLOPs / measured matmul rate, bytes / measured copy rate) of forward+backward.")
+    return "\n".join(lines)
 
 
 def _ratios(rows):
@@ -280,43 +375,50 @@ def _ratios(rows):
 
 
 def to_markdown(rows) -> str:
-    hdr = ("| op | N | impl | fwd ms | fwd+bwd ms | × eager (fwd+bwd) | peak extra MiB | mem / eager | "
-           "floor ms | floor / time |")
-    lines = [hdr, "|" + "---|" * 10]
+    hdr = ("| op | N | impl | fwd ms (min/med/max) | fwd+bwd ms (min/med/max) | × eager | peak extra MiB | "
+           "mem / eager | floor ms | floor / time | note |")
+    lines = [hdr, "|" + "---|" * 11]
     for r in rows:
         pct = 100 * r["floor_ms"] / r["fwd_bwd_ms"] if r["fwd_bwd_ms"] == r["fwd_bwd_ms"] else float("nan")
         lines.append(
-            f"| {r['op']} | {r['n']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+            f"| {r['op']} | {r['n']} | {r['impl']} | {r['fwd_min_ms']:.3f} / {r['fwd_ms']:.3f} / {r['fwd_max_ms']:.3f} | "
+            f"{r['fwd_bwd_min_ms']:.3f} / {r['fwd_bwd_ms']:.3f} / {r['fwd_bwd_max_ms']:.3f} | "
             f"{r.get('speedup_vs_eager', float('nan')):.2f} | {r['peak_mib']:.1f} | "
-            f"{r.get('mem_vs_eager', float('nan')):.3f} | {r['floor_ms']:.3f} | {pct:.0f}% |"
-            + (f" {r['note']}" if r.get("note") else ""))
+            f"{r.get('mem_vs_eager', float('nan')):.3f} | {r['floor_ms']:.3f} | {pct:.0f}% | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path) -> bool:
+    """Time and memory against N per op; False (nothing written) when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001
-        return
+        return False
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.6 * len(ops)), squeeze=False)
     for (a1, a2), op in zip(axes, ops):
         sub = [r for r in rows if r["op"] == op]
         for impl in dict.fromkeys(r["impl"] for r in sub):
-            pts = [(r["n"], r["fwd_bwd_ms"], r["peak_mib"]) for r in sub
+            pts = [(r["n"], r["fwd_bwd_ms"], r["fwd_bwd_min_ms"], r["fwd_bwd_max_ms"], r["peak_mib"]) for r in sub
                    if r["impl"] == impl and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]
             if pts:
-                a1.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
-                a2.loglog([p[0] for p in pts], [max(p[2], 1e-3) for p in pts], "o-", label=impl)
-        a1.set(xlabel="batch N", ylabel="fwd+bwd median (ms)", title=f"{op}: time")
+                xs = [p[0] for p in pts]
+                a1.errorbar(xs, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                            fmt="o-", capsize=3, label=impl)
+                a2.plot(xs, [max(p[4], 1e-3) if p[4] == p[4] else float("nan") for p in pts], "o-", label=impl)
+        for ax in (a1, a2):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        a1.set(xlabel="batch N", ylabel="fwd+bwd ms (median, min–max)", title=f"{op}: time")
         a2.set(xlabel="batch N", ylabel="peak extra memory (MiB)", title=f"{op}: memory")
         a1.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _device_name(dev):

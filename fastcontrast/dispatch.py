@@ -1,8 +1,18 @@
 """The one place that picks a backend.
 
 Every op registers its implementations here (``register(op, backend)``); every public function asks
-``resolve(op, backend, tensor)`` for the callable. ``"auto"`` prefers, on CUDA tensors, triton > cuda >
-reference, and on CPU tensors cpu > reference (the Triton interpreter is a test tool, never auto-picked).
+``resolve(op, backend, device, size)`` for the callable. Backends:
+
+* ``triton``: fused Triton kernels (CUDA; the CPU only through the Triton interpreter, a test tool);
+* ``cuda``, ``cpu``: the fused kernels of the compiled extension (csrc/);
+* ``dense``: the materialised path (one GEMM, softmax statistics on N×M, a hand-written backward): the fastest
+  below a few thousand rows, O(N·M) memory;
+* ``reference``: readable autograd PyTorch, the ground truth (also materialised).
+
+``"auto"`` is size-aware: when the pairwise size N·M is at most ``crossover(device)`` it takes ``dense`` (or the
+reference where an op has no dense path), above it the fused kernels: triton > cuda > reference on CUDA,
+cpu > reference on the CPU. The crossovers are measured (benchmarks/RESULTS.md says where and with which
+command) and can be set with :func:`set_crossover` or ``FASTCONTRAST_CROSSOVER_CPU`` / ``_CUDA`` (elements).
 An explicit backend that cannot run says why.
 """
 from __future__ import annotations
@@ -12,10 +22,24 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+BACKENDS = ("triton", "cuda", "cpu", "dense", "reference")
+_FUSED_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+# Pairwise size N·M at or below which "auto" takes the materialised path.
+# CPU: measured on the 2-core CI machine (benchmarks/overhead_and_crossover.py, clip fwd+bwd, d = 512, float32;
+# RESULTS.md "Size-aware auto"): the dense path is faster than the C++ kernel at every size measured, 64 to
+# 16384 (0.41x to 0.84x of its time), but holds three N×M float32 buffers: 768 MiB at N = 8192, 3 GiB at 16384.
+# So the switch is set by memory: dense up to 8192², the O(N)-memory kernel above. CUDA: no GPU has measured the
+# dense path yet; 4096² is the size at which the fused Triton kernel lost to torch.compile's materialised
+# reference on an H100 (3.06 vs 2.12 ms, bf16, d = 768), where the N×N float32 logits take 64 MiB. Rerun the
+# benchmark with benchmarks/gpu_session.sh to replace it.
+_CROSSOVER = {
+    "cpu": int(os.environ.get("FASTCONTRAST_CROSSOVER_CPU", 8192 * 8192)),
+    "cuda": int(os.environ.get("FASTCONTRAST_CROSSOVER_CUDA", 4096 * 4096)),
+}
 
 _registry: Dict[Tuple[str, str], Callable] = {}
+_auto_cache: Dict[Tuple[str, str, bool], Tuple[str, Callable]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -28,9 +52,24 @@ def register(op: str, backend: str):
 
     def deco(fn):
         _registry[(op, backend)] = fn
+        _auto_cache.clear()
         return fn
 
     return deco
+
+
+def crossover(device_type: str) -> int:
+    """The pairwise size N·M up to which ``"auto"`` takes the materialised path on ``device_type``."""
+    return _CROSSOVER.get(device_type, 0)
+
+
+def set_crossover(device_type: str, elements: int) -> None:
+    """Set the size-aware ``"auto"`` threshold (N·M elements) for ``"cpu"`` or ``"cuda"``; 0 always fuses."""
+    if device_type not in _CROSSOVER:
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    if isinstance(elements, bool) or not isinstance(elements, int) or elements < 0:
+        raise ValueError(f"elements must be an int >= 0, got {elements!r}")
+    _CROSSOVER[device_type] = elements
 
 
 def triton_interpret() -> bool:
@@ -70,19 +109,29 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
     else:
         reason = None
     if reason is None and (op, backend) not in _registry:
-        reason = f"op {op!r} has no {backend!r} implementation yet"
+        reason = f"op {op!r} has no {backend!r} implementation"
     return reason
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """Return ``(backend_name, implementation)`` for ``op`` on ``device``."""
+def _auto(op: str, device: torch.device, small: bool) -> Tuple[str, Callable]:
+    key = (op, device.type, small)
+    hit = _auto_cache.get(key)
+    if hit is not None:
+        return hit
+    order = ("dense", "reference") if small else _FUSED_ORDER.get(device.type, ("reference",))
+    for cand in order:
+        if unavailable_reason(op, cand, device) is None:
+            _auto_cache[key] = (cand, _registry[(op, cand)])
+            return _auto_cache[key]
+    raise BackendUnavailableError(f"no backend can run {op!r} on {device}")  # reference always registers
+
+
+def resolve(op: str, backend: str, device: torch.device, size: int = 0) -> Tuple[str, Callable]:
+    """``(backend_name, implementation)`` for ``op`` on ``device``; ``size`` = N·M decides ``"auto"``."""
+    if backend == "auto":
+        return _auto(op, device, 0 < size <= _CROSSOVER.get(device.type, 0))
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if backend == "auto":
-        for cand in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(op, cand, device) is None:
-                return cand, _registry[(op, cand)]
-        raise BackendUnavailableError(f"no backend can run {op!r} on {device}")  # reference always registers
     reason = unavailable_reason(op, backend, device)
     if reason is not None:
         if backend not in BACKENDS:
@@ -91,5 +140,18 @@ def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]
     return backend, _registry[(op, backend)]
 
 
-def available_backends(op: str, device: torch.device) -> Tuple[str, ...]:
+def _visible_devices():
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def available_backends(op: Optional[str] = None, device=None):
+    """The backends that can run ``op`` on ``device``. With no arguments: {op: {device: (backends...)}} for every
+    registered op on every device this process can see (the CPU, and CUDA when present)."""
+    if op is None:
+        ops = sorted({o for o, _ in _registry})
+        devices = [torch.device(device)] if device is not None else _visible_devices()
+        return {o: {str(d): available_backends(o, d) for d in devices} for o in ops}
+    if device is None:
+        return {str(d): available_backends(op, d) for d in _visible_devices()}
+    device = torch.device(device)
     return tuple(b for b in BACKENDS if unavailable_reason(op, b, device) is None)

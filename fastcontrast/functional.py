@@ -32,7 +32,7 @@ def _check_image_text(image_features, text_features):
 
 
 def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend):
-    _, impl = resolve("infonce", backend, x.device)
+    _, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0])
     return impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens)
 
 
@@ -56,7 +56,7 @@ def clip_loss(
     n, m = image_features.shape[0], text_features.shape[0]
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = _bias(logit_bias, image_features)
-    labels = V.check_labels(labels, n, m, image_features)
+    labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
     V.check_finite(image_features=image_features, text_features=text_features)
     return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1, backend)
 
@@ -82,7 +82,7 @@ def siglip_loss(
     n, m = image_features.shape[0], text_features.shape[0]
     labels = None if negative_only else V.check_labels(labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    _, impl = resolve("siglip", backend, image_features.device)
+    _, impl = resolve("siglip", backend, image_features.device, n * m)
     return impl(image_features, text_features, scale, bias, labels, bool(negative_only))
 
 
@@ -99,7 +99,7 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     scale = V.as_scalar_tensor("logit_scale", logit_scale, a)
     bias = _bias(logit_bias, a)
     labels = V.check_labels(labels, a.shape[0], b.shape[0], a)
-    _, impl = resolve("ce_rows", backend, a.device)
+    _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0])
     return impl(a, b, scale, bias, labels)
 
 
@@ -127,7 +127,7 @@ def oblique_clip_loss(
     m = text_tokens.shape[0]
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_tokens)
     bias = _bias(logit_bias, image_tokens)
-    labels = V.check_labels(labels, n, m, image_tokens)
+    labels = V.check_labels(labels, n, m, image_tokens, diagonal_as_none=True)
     V.check_finite(image_tokens=image_tokens, text_tokens=text_tokens)
     # Flattening is a view; per-token normalisation happens inside the op (tokens=K).
     return _infonce(
@@ -171,7 +171,7 @@ def adaptive_temperature_clip_loss(
     t_img = _temperature("tau_image", tau_image, n, image_features)
     t_txt = _temperature("tau_text", tau_text, m, image_features)
     bias = _bias(logit_bias, image_features)
-    labels = V.check_labels(labels, n, m, image_features)
+    labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
     V.check_finite(image_features=image_features, text_features=text_features)
     return _infonce(image_features, text_features, 1.0 / t_img, 1.0 / t_txt, bias, labels, normalize, 1, backend)
 
@@ -209,7 +209,7 @@ def max_margin_loss(
         margin = V.check_positive_float("margin", margin, allow_zero=True)
     labels = V.check_labels(labels, n, text_features.shape[0], image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    _, impl = resolve("max_margin", backend, image_features.device)
+    _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0])
     return impl(image_features, text_features, margin if not isinstance(margin, torch.Tensor) else margin.detach(),
                 labels, bool(hardest), bool(normalize), reduction)
 
@@ -283,7 +283,7 @@ def density_temperature(
     if not tau_min <= tau <= tau_max:
         raise ValueError(f"need tau_min <= tau <= tau_max, got {tau_min}, {tau}, {tau_max}")
     V.check_finite(features=features)
-    _, impl = resolve("density", backend, features.device)
+    _, impl = resolve("density", backend, features.device, n * n)
     with torch.no_grad():
         return density_to_temperature(impl(features, k), tau, tau_min, tau_max).to(
             features.dtype if features.dtype == torch.float64 else torch.float32)
@@ -296,7 +296,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, back
     epsilon = V.check_positive_float("epsilon", epsilon)
     n_iters = V.check_positive_int("n_iters", n_iters)
     V.check_finite(scores=scores)
-    _, impl = resolve("sinkhorn", backend, scores.device)
+    _, impl = resolve("sinkhorn", backend, scores.device, scores.numel())
     return impl(scores.detach(), epsilon, n_iters)
 
 
@@ -374,10 +374,11 @@ def codebook_loss(
     n_iters = V.check_positive_int("n_iters", n_iters)
     V.check_finite(**dict(zip(names, feats)), codebook=codebook)
     dev = image_features.device
-    _, ce = resolve("swapped_prediction", backend, dev)
+    size = image_features.shape[0] * codebook.shape[0]
+    _, ce = resolve("swapped_prediction", backend, dev, size)
     nf, nc = bool(normalize_features), bool(normalize_codes)
     if not _global_sinkhorn(sinkhorn_group):
-        _, sk = resolve("sinkhorn", backend, dev)
+        _, sk = resolve("sinkhorn", backend, dev, size)
     else:
         from .distributed import distributed_sinkhorn
 
@@ -433,7 +434,8 @@ def momentum_contrastive_loss(
         raise ValueError("teacher_query is required when alpha > 0 (the momentum teacher's soft targets)")
     scale = V.as_scalar_tensor("logit_scale", logit_scale, query)
     V.check_finite(query=query, keys=keys, teacher_query=teacher_query, queue=queue)
-    _, impl = resolve("momentum_contrastive", backend, query.device)
+    _, impl = resolve("momentum_contrastive", backend, query.device,
+                      query.shape[0] * (keys.shape[0] + (0 if queue is None else queue.shape[0])))
     return impl(query, keys.detach(), None if teacher_query is None else teacher_query.detach(), queue, scale,
                 alpha, bool(normalize))
 

@@ -83,3 +83,60 @@ def test_validate_cli_prints_table():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| op " in r.stdout and "clip_loss" in r.stdout and "reference" in r.stdout
     assert "all passed" in r.stdout
+
+
+def test_auto_is_size_aware():
+    from fastcontrast.dispatch import crossover, set_crossover
+
+    dev = torch.device("cpu")
+    before = crossover("cpu")
+    try:
+        set_crossover("cpu", 100)
+        assert resolve("infonce", "auto", dev, 10 * 10)[0] == "dense"  # small: materialised
+        assert resolve("siglip", "auto", dev, 10 * 10)[0] == "reference"  # no dense path: the reference
+        big = resolve("infonce", "auto", dev, 11 * 11)[0]
+        assert big == ("cpu" if fc.dispatch.unavailable_reason("infonce", "cpu", dev) is None else "reference")
+        x, y = torch.randn(10, 8), torch.randn(10, 8)
+        assert torch.allclose(fc.clip_loss(x, y, 5.0), fc.clip_loss(x, y, 5.0, backend="dense"))
+        with pytest.raises(ValueError, match="device_type must be 'cpu' or 'cuda'"):
+            set_crossover("tpu", 1)
+    finally:
+        set_crossover("cpu", before)
+
+
+@pytest.mark.parametrize("labels,normalize,tokens", [(False, False, 1), (False, True, 2), (True, True, 1)])
+def test_dense_path_gradcheck_float64(labels, normalize, tokens):
+    """The materialised path's hand-written backward, through the public API, in float64."""
+    from torch.autograd import gradcheck
+
+    n, m = 6, (8 if labels else 6)
+    x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(m, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    lab = torch.tensor([0, 3, 7, 7, 1, 2]) if labels else None
+    assert gradcheck(lambda x, y, s: fc.clip_loss(x, y, s, labels=lab, normalize=normalize, backend="dense"),
+                     (x, y, s))
+    if tokens > 1:
+        assert gradcheck(lambda x, y, s: fc.oblique_clip_loss(x.view(n, 2, 3), y.view(m, 2, 3), s, backend="dense"),
+                         (x, y, s))
+    t = (0.1 + torch.rand(n, dtype=torch.float64)).requires_grad_()
+    if not labels:
+        assert gradcheck(lambda x, y, t: fc.adaptive_temperature_clip_loss(x, y, t, backend="dense"), (x, y, t))
+
+
+def test_available_backends_without_arguments_lists_every_op():
+    table = fc.available_backends()
+    assert {"infonce", "siglip", "max_margin", "swapped_prediction", "sinkhorn", "momentum_contrastive"} <= set(table)
+    assert all("reference" in devs["cpu"] for devs in table.values())
+    assert "dense" in table["infonce"]["cpu"]
+    assert fc.available_backends("infonce") == {d: table["infonce"][d] for d in table["infonce"]}
+
+
+def test_validate_lists_skipped_backends_with_reasons():
+    from fastcontrast.validate import run_validation
+
+    lines = []
+    run_validation(devices=["cpu"], dtypes=[torch.float32], seeds=(0,), out=lines.append)
+    text = "\n".join(lines)
+    assert "skipped:" in text  # e.g. backend 'cuda' on CPU tensors, or 'triton' without the interpreter
+    assert "cuda" in text

@@ -14,7 +14,7 @@ from fastcontrast._memtrack import HostSyncs
 from fastcontrast.validate import default_cases, rel_err
 
 CASES = {c.name: c for c in default_cases(n=19, m=19, d=24)}
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "dense", "cpu", "triton")
 
 
 def _params(device=None):

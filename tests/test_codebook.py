@@ -14,7 +14,7 @@ from fastcontrast.validate import Case, default_cases
 
 from conftest import assert_matches_reference, backend_param, kernel_device
 
-FAST = ["triton", "cuda", "cpu"]
+FAST = ["triton", "cuda", "cpu", "dense"]
 CASE = next(c for c in default_cases() if c.name == "codebook_loss")
 
 

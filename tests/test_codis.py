@@ -13,7 +13,7 @@ import fastcontrast as fc
 from conftest import backend_param, kernel_device
 from fastcontrast.validate import rel_err
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "dense", "cpu", "triton"]
 
 
 # ------------------------------------------------------------------------------------ official transcriptions

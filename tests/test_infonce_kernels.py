@@ -8,7 +8,7 @@ from fastcontrast.validate import default_cases
 
 from conftest import assert_matches_reference, backend_param, kernel_device
 
-FAST = ["triton", "cuda", "cpu"]
+FAST = ["triton", "cuda", "cpu", "dense"]
 CASES = {c.name: c for c in default_cases() if c.op == "infonce"}
 SHAPES = [(37, 53, 40), (16, 16, 64), (5, 70, 24), (65, 33, 96)]
 

@@ -7,7 +7,7 @@ from fastcontrast.validate import Case, default_cases
 
 from conftest import assert_matches_reference, backend_param, kernel_device
 
-FAST = ["triton", "cuda", "cpu"]
+FAST = ["triton", "cuda", "cpu", "dense"]
 CASES = {c.name: c for c in default_cases() if c.op == "max_margin"}
 
 

@@ -74,7 +74,7 @@ def official_max_margin(image_features, text_features, per_sample_margin):
 
 # ----------------------------------------------------------------------------------------------------- tests
 ALPHA, NUM_OSC, SMIN, SMAX = 0.08, 5, 0.05, 0.20
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "dense", "cpu", "triton"]
 
 
 def _setup(n, d, seed, dtype):

@@ -10,7 +10,7 @@ from fastcontrast.validate import Case, default_cases, rel_err
 from conftest import assert_matches_reference, backend_param, kernel_device
 from test_open_clip_parity import oc
 
-FAST = ["triton", "cuda", "cpu"]
+FAST = ["triton", "cuda", "cpu", "dense"]
 CASE = next(c for c in default_cases() if c.name == "siglip_loss")
 
 

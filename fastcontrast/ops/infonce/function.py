@@ -281,13 +281,14 @@ def infonce_fused(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bi
     b = torch.zeros((), device=x.device, dtype=acc) if bias is None else bias.to(acc)
     a, c = row_scale.to(acc), col_scale.to(acc)
     lse_r, lse_c = lse_pair(x, y, a, c, b, normalize, tokens, impl)
-    xf, yp = x.to(acc), y[labels].to(acc)
+    yp = y if labels is None else y[labels]  # labels None: the diagonal
     if normalize:
-        xf, yp = _apply_tokens(x, inv_token_norms(x, tokens)), _apply_tokens(y[labels], inv_token_norms(y[labels], tokens))
-    pos = (xf * yp).sum(dim=1)
-    i2t = lse_r - a * pos - b
-    t2i = lse_c[labels] - c[labels] * pos - b
-    return 0.5 * (i2t.mean() + t2i.mean())
+        xf, ypf = _apply_tokens(x, inv_token_norms(x, tokens)), _apply_tokens(yp, inv_token_norms(yp, tokens))
+    else:
+        xf, ypf = x.to(acc), yp.to(acc)
+    pos = (xf * ypf).sum(dim=1)
+    lse_cp, c_p = (lse_c, c) if labels is None else (lse_c[labels], c[labels])
+    return 0.5 * ((lse_r - a * pos).mean() + (lse_cp - c_p * pos).mean()) - b
 
 
 def ce_rows_fused(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], labels: Tensor,
