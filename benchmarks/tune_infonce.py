@@ -11,6 +11,7 @@ import itertools
 import torch
 
 from fastcontrast.bench import median_ms
+from fastcontrast.ops import _configs
 from fastcontrast.ops.infonce import function as fn
 
 
@@ -35,7 +36,7 @@ def main():
     fwd_cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
                 for bm, bn, bk, w, st in itertools.product((64, 128), (64, 128), (64,), (4, 8), (3, 4))]
     for c in fwd_cfgs:
-        fn.CONFIG_OVERRIDE = {"fwd": c}
+        _configs.OVERRIDE["_lse_fwd_kernel"] = c
         try:
             ms = median_ms(lambda: fn._triton_fwd(x, y, s, s, b, False, 1), dev, warmup=2, reps=5)
             print(f"| fwd | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['BLOCK_K']} | - | {c['num_warps']} | "
@@ -45,7 +46,7 @@ def main():
     bwd_cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                 for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
     for c in bwd_cfgs:
-        fn.CONFIG_OVERRIDE = {"bwd": c}
+        _configs.OVERRIDE["_grad_tile_kernel"] = c
         try:
             ms = median_ms(lambda: fn._lse_backward_slabs(g, g, x, y, s, s, b, *lse, False, 1, use_triton=True),
                            dev, warmup=2, reps=5)
@@ -53,7 +54,7 @@ def main():
                   f"{c['num_warps']} | {c['num_stages']} | {ms:.3f} | {3 * unit / ms / 1e9:.0f} |", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"| bwd | {c} | failed: {type(e).__name__} |", flush=True)
-    fn.CONFIG_OVERRIDE = None
+    _configs.OVERRIDE.clear()
 
 
 if __name__ == "__main__":

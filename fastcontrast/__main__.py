@@ -34,6 +34,13 @@ def main(argv=None) -> int:
                    help="folder for bench.csv, bench.md, bench.png (default: benchmarks/out, relative to the "
                    "current directory; the bench prints the absolute path it wrote)")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 without a GPU; registers, spills, "
+                   "shared memory (python -m fastcontrast aot --help)", add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "aot":
+        from .aot import main as aot_main
+        return aot_main(argv[1:])
     args = p.parse_args(argv)
     cmd = args.cmd or "validate"
     if cmd == "backends":

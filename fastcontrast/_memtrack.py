@@ -80,3 +80,33 @@ class HostSyncs(_SeeInside):
                 self.syncs.append(f"{name} {src.device}->cpu")
             return out
         return self._call(func, args, kwargs)
+
+
+def _matmul_flops(a, b):
+    if a.dim() == 1 or b.dim() == 1:
+        return 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
+    batch = 1
+    for v in a.shape[:-2]:
+        batch *= v
+    return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
+
+_MM = {"aten::matmul": _matmul_flops,
+       "aten::mm": lambda a, b: 2 * a.shape[0] * a.shape[1] * b.shape[1],
+       "aten::addmm": lambda c, a, b: 2 * a.shape[0] * a.shape[1] * b.shape[1],
+       "aten::bmm": lambda a, b: 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2],
+       "aten::baddbmm": lambda c, a, b: 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]}
+
+
+class MatmulFlops(_SeeInside):
+    """FLOPs of the ATen matrix products in the region (2·m·n·k each), the custom ops' insides included."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        f = _MM.get(func._schema.name)
+        if f is not None:
+            self.flops += f(*args[:3] if func._schema.name in ("aten::addmm", "aten::baddbmm") else args[:2])
+        return self._call(func, args, kwargs)

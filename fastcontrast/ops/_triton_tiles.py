@@ -26,24 +26,44 @@ if triton is not None:
 
     @triton.jit
     def _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K,
-                stride_am, stride_bm, NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """S tile (BLOCK_M, BLOCK_N) in fp32; per-token inverse norms applied to the fp32 partial sums."""
+                stride_am, stride_bm, NORM: tl.constexpr, MULTI: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """S tile (BLOCK_M, BLOCK_N) in fp32; per-token inverse norms applied to the fp32 partial sums.
+
+        MULTI (K > 1 tokens of DT each) runs one K-loop per token, each scaled by its tokens' norms. Otherwise
+        the loop is a plain load-load-dot over D, the one shape Triton's software pipeliner handles (the
+        nested token loop compiled to a single shared-memory stage), and the norms scale the finished tile.
+        """
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for t in range(0, K):
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            tok_end = (t + 1) * DT
-            for k0 in range(t * DT, tok_end, BLOCK_K):
+        if MULTI:
+            for t in range(0, K):
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                tok_end = (t + 1) * DT
+                for k0 in range(t * DT, tok_end, BLOCK_K):
+                    kk = k0 + offs_k
+                    km = kk < tok_end
+                    a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :],
+                                other=0.0)
+                    b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :],
+                                other=0.0)
+                    part = _dot(a, tl.trans(b), part, PRECISION, UPCAST)
+                if NORM:
+                    ra = tl.load(inv_a + rows * K + t, mask=row_mask, other=0.0)
+                    rb = tl.load(inv_b + cols * K + t, mask=col_mask, other=0.0)
+                    part = part * ra[:, None] * rb[None, :]
+                acc += part
+        else:
+            for k0 in range(0, D, BLOCK_K):
                 kk = k0 + offs_k
-                km = kk < tok_end
-                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
-                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :], other=0.0)
-                part = _dot(a, tl.trans(b), part, PRECISION, UPCAST)
+                km = kk < D
+                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :],
+                            other=0.0)
+                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :],
+                            other=0.0)
+                acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
             if NORM:
-                ra = tl.load(inv_a + rows * K + t, mask=row_mask, other=0.0)
-                rb = tl.load(inv_b + cols * K + t, mask=col_mask, other=0.0)
-                part = part * ra[:, None] * rb[None, :]
-            acc += part
+                ra = tl.load(inv_a + rows, mask=row_mask, other=0.0)
+                rb = tl.load(inv_b + cols, mask=col_mask, other=0.0)
+                acc = acc * ra[:, None] * rb[None, :]
         return acc
-

@@ -6,13 +6,8 @@ from torch import Tensor
 
 from ...dispatch import register
 from .. import _tiles as T
+from .._configs import launch as launch_config
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
-
-
-def _config(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)  # the InfoNCE forward's tiles
 
 
 class HingeRows(torch.autograd.Function):
@@ -34,8 +29,7 @@ class HingeRows(torch.autograd.Function):
         out = torch.empty(na, device=a.device, dtype=torch.float32)
         cnt = torch.empty(na, device=a.device, dtype=torch.float32)
         arg = torch.empty(na, device=a.device, dtype=torch.int32)
-        cfg = _config(a.device)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg, warps, stages = launch_config("_hinge_fwd_kernel", a.device, a.dtype)
         K._hinge_fwd_kernel[(triton.cdiv(na, cfg["BLOCK_M"]),)](
             a, b, inv_a, inv_b, off, ka, kb, out, cnt, arg, na, nb, d, d, 1, a.stride(0), b.stride(0),
             NORM=normalize, HARDEST=hardest, PRECISION=T.precision(a.dtype), UPCAST=T.upcast(a),
@@ -62,8 +56,7 @@ class HingeRows(torch.autograd.Function):
             dah = w[:, None] * bh[arg.long()].to(acc)
             dbh = torch.zeros(nb, d, dtype=acc, device=a.device).index_add_(0, arg.long(), w[:, None] * ah.to(acc))
         else:
-            cfg = _config(a.device)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            cfg, warps, stages = launch_config("_hinge_grad_tile_kernel", a.device, a.dtype)
             dummy = a.new_empty(1, dtype=torch.float32)
 
             def fill(r0, rc, slab):

@@ -34,7 +34,7 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < Nb
             s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
-                        NORM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                        NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             kb = tl.load(key_b + cols, mask=col_mask, other=-2)
             neg = col_mask[None, :] & (kb[None, :] != ka[:, None])
             z = off[:, None] + s
@@ -65,7 +65,7 @@ if triton is not None:
         """W_ij = g_i·[j negative and o_i + S_ij > 0] for one tile of one row chunk."""
         local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N)
         s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
-                    NORM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                    NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         off = tl.load(offset + rows, mask=row_mask, other=0.0)
         ka = tl.load(key_a + rows, mask=row_mask, other=-1)
         ga = tl.load(g_a + rows, mask=row_mask, other=0.0)

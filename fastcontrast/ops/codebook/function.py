@@ -22,12 +22,9 @@ from ..._amp import register_custom_op as register_autocast
 from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register
 from .. import _tiles as T
+from .._configs import launch as launch_config
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from ..infonce.function import lse_pair
-
-
-def _blocks(device):
-    return (32, 32) if device.type != "cuda" else (64, 128)
 
 
 @torch.no_grad()
@@ -37,19 +34,21 @@ def sinkhorn_fused(scores: Tensor, epsilon: float, n_iters: int) -> Tensor:
 
     s = scores.contiguous()
     n, k = s.shape
-    br, bc = _blocks(s.device)
+    cfg, warps, stages = launch_config("_lse_axis_kernel", s.device, s.dtype)
+    br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
     u = torch.zeros(n, device=s.device, dtype=torch.float32)
     v = torch.empty(k, device=s.device, dtype=torch.float32)
     inv_eps = 1.0 / epsilon
     log_col = math.log(n / k)
     for _ in range(n_iters):
         K._lse_axis_kernel[(triton.cdiv(k, bc),)](s, u, v, n, k, s.stride(0), inv_eps, log_col, AXIS=0,
-                                                   BLOCK_R=br, BLOCK_C=bc)
+                                                   num_warps=warps, num_stages=stages, **cfg)
         K._lse_axis_kernel[(triton.cdiv(n, br),)](s, v, u, n, k, s.stride(0), inv_eps, 0.0, AXIS=1,
-                                                   BLOCK_R=br, BLOCK_C=bc)
+                                                   num_warps=warps, num_stages=stages, **cfg)
     q = torch.empty(n, k, device=s.device, dtype=torch.float32)
-    K._sinkhorn_out_kernel[(triton.cdiv(n, br), triton.cdiv(k, bc))](s, u, v, q, n, k, s.stride(0), q.stride(0),
-                                                                      inv_eps, BLOCK_R=br, BLOCK_C=bc)
+    cfg, warps, stages = launch_config("_sinkhorn_out_kernel", s.device, s.dtype)
+    K._sinkhorn_out_kernel[(triton.cdiv(n, cfg["BLOCK_R"]), triton.cdiv(k, cfg["BLOCK_C"]))](
+        s, u, v, q, n, k, s.stride(0), q.stride(0), inv_eps, num_warps=warps, num_stages=stages, **cfg)
     return q
 
 

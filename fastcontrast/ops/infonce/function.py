@@ -19,27 +19,16 @@ from ..._amp import register_custom_op as register_autocast
 from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register
 from .. import _tiles as T
+from .._configs import launch as launch_config
 from .._tiles import apply_tokens as _apply_tokens
 from .._tiles import inv_token_norms, precision as _precision, token_norm_backward, triton_ok as _triton_ok
 from .._tiles import upcast as _upcast
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
 # ----------------------------------------------------------------------------------------------- Triton launch
-CONFIG_OVERRIDE: Optional[dict] = None  # {"fwd": {...}, "bwd": {...}}: benchmarks/tune_infonce.py sweeps these
-
-
-def _config(kind: str, d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile shapes for the forward ("fwd") or the backward's G-tile ("bwd") kernel."""
-    if CONFIG_OVERRIDE is not None and kind in CONFIG_OVERRIDE:
-        return dict(CONFIG_OVERRIDE[kind])
-    if device.type != "cuda":  # interpreter: small tiles so tests cover ragged tails and several D-chunks
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    if kind == "fwd":  # tile sweep on an H100, N = 16k, d = 768, bf16 (RESULTS.md): 128×128, 8 warps, 4 stages
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)  # same sweep, G-tile kernel
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)  # same sweep, G-tile kernel
-
-
 def _triton_fwd(x, y, a, c, bias, normalize, tokens):
+    """Row and column lse from one sweep of S: the kernel writes the rows' lse and per-row-block column
+    partials, merged here (base 2, as the kernel keeps them)."""
     from . import triton_kernels as K
 
     n, d = x.shape
@@ -48,18 +37,21 @@ def _triton_fwd(x, y, a, c, bias, normalize, tokens):
     inv_x = inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     inv_y = inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
+    cfg, warps, stages = launch_config("_lse_fwd_kernel", x.device, x.dtype)
+    n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
-    lse_c = torch.empty(m, device=x.device, dtype=torch.float32)
-    cfg = _config("fwd", d, x.dtype, x.device)
-    stages = cfg.pop("num_stages")
-    warps = cfg.pop("num_warps")
-    b = bias.float().reshape(1)
-    for A, B, ia, ib, s, out, na, nb in ((x, y, inv_x, inv_y, a, lse_r, n, m), (y, x, inv_y, inv_x, c, lse_c, m, n)):
-        grid = (triton.cdiv(na, cfg["BLOCK_M"]),)
-        K._lse_fwd_kernel[grid](
-            A, B, ia, ib, s.float().contiguous(), b, out, na, nb, d, dt, ntok, A.stride(0), B.stride(0),
-            NORM=normalize, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), num_warps=warps, num_stages=stages, **cfg)
+    pmax = torch.empty(n_blocks, m, device=x.device, dtype=torch.float32)
+    psum = torch.empty(n_blocks, m, device=x.device, dtype=torch.float32)
+    K._lse_fwd_kernel[(n_blocks,)](
+        x, y, inv_x, inv_y, a.float().contiguous(), c.float().contiguous(), bias.float().reshape(1), lse_r, pmax,
+        psum, n, m, d, dt, ntok, x.stride(0), y.stride(0), pmax.stride(0), NORM=normalize, MULTI=ntok > 1,
+        HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), num_warps=warps, num_stages=stages, **cfg)
+    top = pmax.amax(dim=0)
+    lse_c = (top + torch.log2((psum * torch.exp2(pmax - top)).sum(dim=0))) * _LN2
     return lse_r, lse_c
+
+
+_LN2 = 0.6931471805599453
 
 
 def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, sigma, normalize, tokens):
@@ -69,8 +61,7 @@ def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, s
     n, d = x.shape
     m = y.shape[0]
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
-    cfg = _config("bwd", d, x.dtype, x.device)
-    stages, warps = cfg.pop("num_stages"), cfg.pop("num_warps")
+    cfg, warps, stages = launch_config("_grad_tile_kernel", x.device, x.dtype)
     b = bias.float().reshape(1)
     a32, c32 = a.float().contiguous(), c.float().contiguous()
     g_r, g_c = g_r.float().contiguous(), g_c.float().contiguous()
@@ -80,7 +71,7 @@ def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, s
         K._grad_tile_kernel[grid](
             x, y, inv_x, inv_y, a32, c32, b, lse_r, lse_c, g_r, g_c, sigma, slab, da, dc, r0, rc, m, d, dt, ntok,
             x.stride(0), y.stride(0), slab.stride(0),
-            NORM=normalize, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
+            NORM=normalize, MULTI=ntok > 1, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
             num_warps=warps, num_stages=stages, **cfg)
 
     return fill

@@ -12,13 +12,8 @@ from torch import Tensor
 
 from ...dispatch import register
 from .. import _tiles as T
+from .._configs import launch as launch_config
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
-
-
-def _config(device):
-    if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
 
 
 class SoftplusRows(torch.autograd.Function):
@@ -33,8 +28,7 @@ class SoftplusRows(torch.autograd.Function):
         m = y.shape[0]
         s32, b32 = scale.detach().float().reshape(1), bias.detach().float().reshape(1)
         out = torch.empty(n, device=x.device, dtype=torch.float32)
-        cfg = _config(x.device)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg, warps, stages = launch_config("_softplus_rows_kernel", x.device, x.dtype)
         K._softplus_rows_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
             x, y, s32, b32, out, n, m, d, x.stride(0), y.stride(0), PRECISION=T.precision(x.dtype),
             UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
@@ -53,8 +47,7 @@ class SoftplusRows(torch.autograd.Function):
         sigma = (1.0 / (g.abs().max() * s32.abs()).clamp_min(1e-30)).reshape(1)  # keeps σ·s·W <= 1 (fp16 slabs)
         dsum_s = torch.zeros(n, device=x.device, dtype=torch.float32)
         dsum_b = torch.zeros(n, device=x.device, dtype=torch.float32)
-        cfg = _config(x.device)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg, warps, stages = launch_config("_sigmoid_grad_tile_kernel", x.device, x.dtype)
 
         def fill(r0, rc, slab):
             grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(m, cfg["BLOCK_N"]))

@@ -28,7 +28,7 @@ if triton is not None:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_mask = cols < Nb
             t = _s_tile(A, B, A, B, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
-                        False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                        False, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             sp = _softplus(t * s + b)
             acc += tl.sum(tl.where(col_mask[None, :], sp, 0.0), axis=1)
         tl.store(OUT + rows, acc, mask=row_mask)
@@ -40,7 +40,7 @@ if triton is not None:
                                   BLOCK_K: tl.constexpr):
         local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N)
         t = _s_tile(A, B, A, B, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
-                    False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                    False, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.load(scale_ptr)
         b = tl.load(bias_ptr)
         sigma = tl.load(sigma_ptr)

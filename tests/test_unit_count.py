@@ -1,0 +1,60 @@
+"""How many GEMM units of 2·N·M·D one forward+backward executes: 4 for the InfoNCE family on Triton (one sweep of
+S for both directions' statistics, one recompute, two gradient GEMMs). Counted on the CPU: every ``tl.dot`` the
+Triton interpreter executes, plus every ATen matrix product (the slab GEMMs), inside the custom ops too."""
+import pytest
+import torch
+
+import fastcontrast as fc
+from conftest import INTERPRET, backend_param
+from fastcontrast._memtrack import MatmulFlops
+
+pytestmark = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
+                                reason="counts tl.dot inside the Triton interpreter (CPU-only runs)")
+
+
+@pytest.fixture
+def dot_flops(monkeypatch):
+    import triton.runtime.interpreter as I
+
+    count = {"flops": 0}
+    orig = I.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *rest):
+        m, k = a.data.shape[-2:]
+        count["flops"] += 2 * m * k * b.data.shape[-1]
+        return orig(self, a, b, d, *rest)
+
+    monkeypatch.setattr(I.InterpreterBuilder, "create_dot", create_dot)
+    return count
+
+
+def _units(loss_fn, n, m, d, dot_flops):
+    with MatmulFlops() as mm:
+        loss_fn().backward()
+    return (dot_flops["flops"] + mm.flops) / (2 * n * m * d), dot_flops["flops"] / (2 * n * m * d)
+
+
+N, M, D = 64, 96, 64  # multiples of the interpreter's 32-wide tiles: no padding in the count
+
+
+@pytest.mark.parametrize("backend", [backend_param("infonce", "triton")])
+@pytest.mark.parametrize("case", ["clip", "clip_normalized", "labels", "oblique", "per_sample_tau"])
+def test_infonce_forward_backward_executes_four_units(backend, case, dot_flops):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g).requires_grad_()
+    y = torch.randn(M, D, generator=g).requires_grad_()
+    labels = torch.randint(0, M, (N,), generator=g)
+    s = torch.tensor(10.0, requires_grad=True)
+    fns = {
+        "clip": lambda: fc.clip_loss(x, y, s, labels=labels, backend=backend),
+        "clip_normalized": lambda: fc.clip_loss(x, y, s, labels=labels, normalize=True, backend=backend),
+        "labels": lambda: fc.clip_loss(x, y, s, labels=labels, logit_bias=-1.0, backend=backend),
+        "oblique": lambda: fc.oblique_clip_loss(x.view(N, 2, D // 2), y.view(M, 2, D // 2), labels=labels,
+                                                backend=backend),
+        "per_sample_tau": lambda: fc.adaptive_temperature_clip_loss(
+            x, y, 0.05 + torch.rand(N, generator=g), 0.05 + torch.rand(M, generator=g), labels=labels,
+            normalize=True, backend=backend),
+    }
+    total, in_kernels = _units(fns[case], N, M, D, dot_flops)
+    assert total == pytest.approx(4.0), (total, in_kernels)  # 1 sweep + 1 recompute (Triton) + 2 GEMMs (ATen)
+    assert in_kernels == pytest.approx(2.0)
