@@ -1,6 +1,6 @@
 """Static report of every Triton kernel the package launches, compiled for GPUs without one.
 
-``python -m fastcontrast aot [--arch 80,90] [--out benchmarks/results/triton_aot.md] [--check]``
+``python -m fastcontrast aot [--arch 80,90,100] [--out benchmarks/results/triton_aot.md] [--check]``
 
 1. Capture: a subprocess runs every op of the validation cases forward and backward on the Triton interpreter
    (CPU tensors, fp32/bf16/fp16) and records each kernel launch: its arguments' types and constexprs.
@@ -147,7 +147,7 @@ def compile_one(launch: dict, arch: str, cfg: dict):
     return k, warps, stages
 
 
-def report(archs=("sm80", "sm90"), launches: Optional[List[dict]] = None, log=print) -> Tuple[List[dict], bool]:
+def report(archs=("sm80", "sm90", "sm100"), launches: Optional[List[dict]] = None, log=print) -> Tuple[List[dict], bool]:
     from .ops._configs import SMEM_LIMIT, TABLE, dtype_class
 
     launches = launches if launches is not None else capture()
@@ -213,7 +213,7 @@ def _line(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastcontrast aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="80,90", help="compute capabilities (default 80,90)")
+    p.add_argument("--arch", default="80,90,100", help="compute capabilities (default 80,90,100)")
     p.add_argument("--out", default=None, help="write the table (markdown) here too")
     p.add_argument("--check", action="store_true", help="exit 1 on compile errors, smem over the arch's limit, "
                    f"or more than {SPILL_LIMIT} B of stack")
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
                     "Regenerate: `python -m fastcontrast aot --out benchmarks/results/triton_aot.md`. Columns: "
                     "registers per thread, stack frame (spills), shared memory per block, num_stages asked, and "
                     "how many K-chunks of A and B the shared memory holds (>= 2: the GEMM loop is pipelined). "
-                    "Limits: smem 166,912 B (sm_80), 232,448 B (sm_90); stack <= 512 B.\n\n"
+                    "Limits: smem 166,912 B (sm_80), 232,448 B (sm_90, sm_100); stack <= 512 B.\n\n"
                     + HEADER + "\n" + "\n".join(_line(r) for r in rows) + "\n" + summary + "\n")
         print(f"wrote {os.path.abspath(args.out)}")
     return 0 if ok or not args.check else 1

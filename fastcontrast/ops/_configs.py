@@ -5,8 +5,8 @@ of the table for its architecture without a GPU and reports registers, spills an
 (benchmarks/results/triton_aot.md), so each entry is checked to fit its arch: shared memory per block at most
 166,912 B on sm_80 (A100) and 232,448 B on sm_90 (H100), and at most 512 B of stack.
 
-Architectures: "sm80" (Ampere: A100, also the fallback for anything older) and "sm90" (Hopper; Blackwell uses
-it too until it has its own entries). Dtype classes: "16" (fp16/bf16: tensor cores, 2-byte tiles) and "32"
+Architectures: "sm80" (Ampere: A100, also the fallback for anything older), "sm90" (Hopper) and "sm100"
+(Blackwell: the Hopper tiles until a Blackwell GPU has tuned its own; compiled and checked like the others). Dtype classes: "16" (fp16/bf16: tensor cores, 2-byte tiles) and "32"
 (fp32/tf32: 4-byte tiles, so half the K-depth per stage to keep the same pipeline within shared memory).
 Under the Triton interpreter (tests on the CPU) every kernel gets small tiles, so the tests cover ragged tails
 and several K-chunks.
@@ -17,9 +17,9 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
-ARCHS = ("sm80", "sm90")
-CC = {"sm80": 80, "sm90": 90}
-SMEM_LIMIT = {"sm80": 166_912, "sm90": 232_448}
+ARCHS = ("sm80", "sm90", "sm100")
+CC = {"sm80": 80, "sm90": 90, "sm100": 100}
+SMEM_LIMIT = {"sm80": 166_912, "sm90": 232_448, "sm100": 232_448}
 DTYPE_CLASSES = ("16", "32")
 
 INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -34,7 +34,7 @@ _WIDE16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
 _PAIR32 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
-def _pairwise(c16: dict) -> Dict[Tuple[str, str], dict]:
+def _pairwise(c16: dict) -> Dict[Tuple[str, str], dict]:  # one config per dtype class, on every arch
     return {**{(a, "16"): c16 for a in ARCHS}, **{(a, "32"): _PAIR32 for a in ARCHS}}
 
 
@@ -57,7 +57,7 @@ OVERRIDE: Dict[str, dict] = {}  # kernel -> config: benchmarks/tune_infonce.py s
 
 def arch_of(device: torch.device) -> str:
     major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+    return "sm100" if major >= 10 else "sm90" if major >= 9 else "sm80"
 
 
 def dtype_class(dtype: torch.dtype) -> str:
