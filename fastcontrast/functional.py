@@ -207,7 +207,7 @@ def max_margin_loss(
         margin = V.as_scalar_tensor("margin", margin, image_features, positive=False)
     else:
         margin = V.check_positive_float("margin", margin, allow_zero=True)
-    labels = V.check_labels(labels, n, text_features.shape[0], image_features)
+    labels = V.check_labels(labels, n, text_features.shape[0], image_features, diagonal_as_none=True)
     V.check_finite(image_features=image_features, text_features=text_features)
     _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0])
     return impl(image_features, text_features, margin if not isinstance(margin, torch.Tensor) else margin.detach(),

@@ -71,6 +71,11 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
         inp["margin"] = Fn.mmts_temperature(sizes, 7, 100, 1, 49)
         return inp
 
+    def diagonal_margin_make(g, dev, dt):
+        sizes = torch.randint(1, 50, (n,), generator=g).to(dev)
+        return {"image_features": _randn(g, (n, d), dev, dt), "text_features": _randn(g, (n, d), dev, dt),
+                "margin": Fn.mmts_temperature(sizes, 7, 100, 1, 49)}
+
     def codebook_make(g, dev, dt):
         return {
             "image_features": _randn(g, (n, d), dev, dt), "text_features": _randn(g, (n, d), dev, dt),
@@ -102,6 +107,8 @@ def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Cas
         Case("max_margin(mean)", "max_margin", margin_make,
              lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, backend=backend)),
         Case("max_margin(mmts margin)", "max_margin", mmts_margin_make,
+             lambda backend, **kw: Fn.max_margin_loss(**kw, backend=backend)),
+        Case("max_margin(diagonal)", "max_margin", diagonal_margin_make,  # pairs i ↔ i: the one-sweep kernels
              lambda backend, **kw: Fn.max_margin_loss(**kw, backend=backend)),
         Case("max_margin(hardest)", "max_margin", margin_make,
              lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=True, backend=backend)),

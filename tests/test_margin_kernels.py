@@ -41,3 +41,20 @@ def test_margin_zero_when_all_separated():
     loss = fc.max_margin_loss(x, x.detach().clone(), margin=0.5, backend=be)
     loss.backward()
     assert float(loss) == 0.0 and float(x.grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("per_pair", [False, True])
+@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in FAST])
+def test_diagonal_one_sweep_path_matches_reference(backend, dtype, reduction, per_pair):
+    """N = M without labels takes the one-sweep kernel pair (both directions at once); ragged N."""
+    def make(g, dev, dt):
+        n = 45
+        return {"image_features": torch.randn(n, 40, generator=g).to(dev, dt),
+                "text_features": torch.randn(n, 40, generator=g).to(dev, dt),
+                "margin": (0.05 + 0.3 * torch.rand(n, generator=g)).to(dev) if per_pair else 0.3}
+
+    case = Case("margin-diag", "max_margin", make,
+                lambda backend, **kw: fc.max_margin_loss(**kw, reduction=reduction, backend=backend))
+    assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(0, 1))

@@ -58,3 +58,12 @@ def test_infonce_forward_backward_executes_four_units(backend, case, dot_flops):
     total, in_kernels = _units(fns[case], N, M, D, dot_flops)
     assert total == pytest.approx(4.0), (total, in_kernels)  # 1 sweep + 1 recompute (Triton) + 2 GEMMs (ATen)
     assert in_kernels == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("backend", [backend_param("max_margin", "triton")])
+def test_margin_diagonal_executes_four_units(backend, dot_flops):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g).requires_grad_()
+    y = torch.randn(N, D, generator=g).requires_grad_()
+    total, in_kernels = _units(lambda: fc.max_margin_loss(x, y, 0.3, backend=backend), N, N, D, dot_flops)
+    assert total == pytest.approx(4.0), (total, in_kernels)  # was 8: two HingeRows passes, each fwd + 3 bwd

@@ -44,6 +44,8 @@ TABLE: Dict[str, Dict[Tuple[str, str], dict]] = {
     "_grad_tile_kernel": _pairwise(_PAIR16),
     "_hinge_fwd_kernel": _pairwise(_WIDE16),
     "_hinge_grad_tile_kernel": _pairwise(_WIDE16),
+    "_hinge_pair_fwd_kernel": _pairwise(_PAIR16),
+    "_hinge_pair_grad_tile_kernel": _pairwise(_PAIR16),
     "_softplus_rows_kernel": _pairwise(_WIDE16),
     "_sigmoid_grad_tile_kernel": _pairwise(_WIDE16),
     "_lse_axis_kernel": {(a, c): dict(BLOCK_R=64, BLOCK_C=128, num_warps=4, num_stages=3)

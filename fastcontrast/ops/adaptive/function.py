@@ -58,20 +58,86 @@ class HingeRows(torch.autograd.Function):
         else:
             cfg, warps, stages = launch_config("_hinge_grad_tile_kernel", a.device, a.dtype)
             dummy = a.new_empty(1, dtype=torch.float32)
+            sigma = g.abs().amax().clamp_min(1e-30)  # the slab holds g/σ <= 1: the mean's 1/(2N²) would flush in fp16
+            g_s = g / sigma
 
             def fill(r0, rc, slab):
                 grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(nb, cfg["BLOCK_N"]))
                 K._hinge_grad_tile_kernel[grid](
-                    a, b, inv_a if ctx.normalize else dummy, inv_b if ctx.normalize else dummy, off, ka, kb, g,
+                    a, b, inv_a if ctx.normalize else dummy, inv_b if ctx.normalize else dummy, off, ka, kb, g_s,
                     slab, r0, rc, nb, d, d, 1, a.stride(0), b.stride(0), slab.stride(0),
                     NORM=ctx.normalize, PRECISION=T.precision(a.dtype), UPCAST=T.upcast(a),
                     num_warps=warps, num_stages=stages, **cfg)
 
             dah, dbh = T.slab_products(fill, ah, bh, acc)
+            dah, dbh = dah * sigma, dbh * sigma
         if ctx.normalize:
             dah = T.token_norm_backward(a, inv_a, dah)
             dbh = T.token_norm_backward(b, inv_b, dbh)
         return dah.to(a.dtype), dbh.to(b.dtype), (g * cnt).to(off.dtype), None, None, None, None
+
+
+class PairHinge(torch.autograd.Function):
+    """Both directions of the diagonal hinge (pair i ↔ i, N = M) from one sweep of S: (out_row (N,), out_col (N,)),
+    out_row_i = Σ_{j≠i} [o_i + S_ij]_+, out_col_j = Σ_{i≠j} [o_j + S_ij]_+. Forward one unit of 2·N²·D, backward
+    one recompute and two GEMMs: 4 units, where two HingeRows passes take 8."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, offset: Tensor, normalize: bool):
+        from . import triton_kernels as K
+
+        a, b = a.contiguous(), b.contiguous()
+        n, d = a.shape
+        dummy = a.new_empty(1, dtype=torch.float32)
+        inv_a = T.inv_token_norms(a, 1) if normalize else dummy
+        inv_b = T.inv_token_norms(b, 1) if normalize else dummy
+        off = offset.detach().float().contiguous()
+        cfg, warps, stages = launch_config("_hinge_pair_fwd_kernel", a.device, a.dtype)
+        n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+        out = torch.empty(n, device=a.device, dtype=torch.float32)
+        cnt = torch.empty(n, device=a.device, dtype=torch.float32)
+        psum = torch.empty(n_blocks, n, device=a.device, dtype=torch.float32)
+        pcnt = torch.empty(n_blocks, n, device=a.device, dtype=torch.float32)
+        K._hinge_pair_fwd_kernel[(n_blocks,)](
+            a, b, inv_a, inv_b, off, out, cnt, psum, pcnt, n, d, a.stride(0), b.stride(0), psum.stride(0),
+            NORM=normalize, PRECISION=T.precision(a.dtype), UPCAST=T.upcast(a), num_warps=warps,
+            num_stages=stages, **cfg)
+        out_c, cnt_c = psum.sum(dim=0), pcnt.sum(dim=0)
+        ctx.save_for_backward(a, b, off, cnt, cnt_c)
+        ctx.normalize = normalize
+        return out, out_c
+
+    @staticmethod
+    def backward(ctx, g_r: Tensor, g_c: Tensor):
+        from . import triton_kernels as K
+
+        a, b, off, cnt, cnt_c = ctx.saved_tensors
+        n, d = a.shape
+        g_r = torch.zeros(n, device=a.device) if g_r is None else g_r.float().contiguous()
+        g_c = torch.zeros(n, device=a.device) if g_c is None else g_c.float().contiguous()
+        inv_a = T.inv_token_norms(a, 1) if ctx.normalize else None
+        inv_b = T.inv_token_norms(b, 1) if ctx.normalize else None
+        ah = T.apply_tokens(a, inv_a).to(a.dtype) if ctx.normalize else a
+        bh = T.apply_tokens(b, inv_b).to(b.dtype) if ctx.normalize else b
+        sigma = torch.maximum(g_r.abs().amax(), g_c.abs().amax()).clamp_min(1e-30)  # slab entries <= 2
+        gr_s, gc_s = g_r / sigma, g_c / sigma
+        cfg, warps, stages = launch_config("_hinge_pair_grad_tile_kernel", a.device, a.dtype)
+        dummy = a.new_empty(1, dtype=torch.float32)
+
+        def fill(r0, rc, slab):
+            grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+            K._hinge_pair_grad_tile_kernel[grid](
+                a, b, inv_a if ctx.normalize else dummy, inv_b if ctx.normalize else dummy, off, gr_s, gc_s, slab,
+                r0, rc, n, d, a.stride(0), b.stride(0), slab.stride(0), NORM=ctx.normalize,
+                PRECISION=T.precision(a.dtype), UPCAST=T.upcast(a), num_warps=warps, num_stages=stages, **cfg)
+
+        dah, dbh = T.slab_products(fill, ah, bh, torch.float32)
+        dah, dbh = dah * sigma, dbh * sigma
+        if ctx.normalize:
+            dah = T.token_norm_backward(a, inv_a, dah)
+            dbh = T.token_norm_backward(b, inv_b, dbh)
+        d_off = g_r * cnt + g_c * cnt_c  # o_i enters row i's and column i's active hinges
+        return dah.to(a.dtype), dbh.to(b.dtype), d_off.to(off.dtype), None
 
 
 def negative_count(labels: Tensor, n_cols: int) -> Tensor:
@@ -88,12 +154,20 @@ def max_margin_fused(x: Tensor, y: Tensor, margin, labels: Tensor, hardest: bool
     """Bidirectional hinge with a scalar or per-pair margin (same definition and reductions as the reference),
     O((N+M)·D) memory."""
     acc = torch.float32
-    yp = y[labels]
+    yp = y if labels is None else y[labels]
     if normalize:
         xf, ypf = T.apply_tokens(x, T.inv_token_norms(x, 1)), T.apply_tokens(yp, T.inv_token_norms(yp, 1))
     else:
         xf, ypf = x.to(acc), yp.to(acc)
     off = margin - (xf * ypf).sum(dim=1)  # o_i = m_i − S_{i,p(i)}, its gradient flows to both features
+    n = x.shape[0]
+    if labels is None and not hardest:  # the diagonal: both directions from one sweep (PairHinge)
+        out_r, out_c = PairHinge.apply(x, y, off, normalize)
+        total = out_r.sum() + out_c.sum()
+        return total / (2 * n * (n - 1)) if reduction == "mean" else total / n
+    if labels is None:
+        labels = torch.arange(n, device=x.device)
+        yp = y
     cols = torch.arange(y.shape[0], device=y.device)
     i2t = HingeRows.apply(x, y, off, labels, cols, hardest, normalize)
     t2i = HingeRows.apply(yp, x, off, labels, labels, hardest, normalize)

@@ -74,3 +74,53 @@ if triton is not None:
         act = valid & (kb[None, :] != ka[:, None]) & (off[:, None] + s > 0)
         w = tl.where(act, ga[:, None], 0.0)
         tl.store(W + local[:, None] * stride_wm + cols[None, :], w.to(W.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _hinge_pair_fwd_kernel(A, B, inv_a, inv_b, offset, OUT, CNT, PSUM, PCNT, N, D, stride_am, stride_bm,
+                               stride_p, NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Both directions of the diagonal hinge from one sweep of S (N×N, pair i ↔ i, o = margin − S_ii):
+        rows: OUT_i = Σ_{j≠i} [o_i + S_ij]_+, CNT_i = #active; columns: this row block's partial
+        Σ_{i≠j} [o_j + S_ij]_+ and #active to PSUM/PCNT[pid, j], summed over the row blocks afterwards."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        off_r = tl.load(offset + rows, mask=row_mask, other=0.0)
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < N
+            s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
+                        NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            neg = row_mask[:, None] & col_mask[None, :] & (rows[:, None] != cols[None, :])
+            z = off_r[:, None] + s
+            act = neg & (z > 0)
+            acc += tl.sum(tl.where(act, z, 0.0), axis=1)
+            cnt += tl.sum(act.to(tl.float32), axis=1)
+            off_c = tl.load(offset + cols, mask=col_mask, other=0.0)
+            zc = off_c[None, :] + s
+            actc = neg & (zc > 0)
+            tl.store(PSUM + pid * stride_p + cols, tl.sum(tl.where(actc, zc, 0.0), axis=0), mask=col_mask)
+            tl.store(PCNT + pid * stride_p + cols, tl.sum(actc.to(tl.float32), axis=0), mask=col_mask)
+        tl.store(OUT + rows, acc, mask=row_mask)
+        tl.store(CNT + rows, cnt, mask=row_mask)
+
+    @triton.jit
+    def _hinge_pair_grad_tile_kernel(A, B, inv_a, inv_b, offset, g_r, g_c, W, row0, Na_chunk, N, D, stride_am,
+                                     stride_bm, stride_wm, NORM: tl.constexpr, PRECISION: tl.constexpr,
+                                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr):
+        """W_ij = g_r_i·[o_i + S_ij > 0] + g_c_j·[o_j + S_ij > 0] over i ≠ j, one tile of one row chunk."""
+        local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, N, BLOCK_M, BLOCK_N)
+        s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
+                    NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        off_r = tl.load(offset + rows, mask=row_mask, other=0.0)
+        off_c = tl.load(offset + cols, mask=col_mask, other=0.0)
+        gr = tl.load(g_r + rows, mask=row_mask, other=0.0)
+        gc = tl.load(g_c + cols, mask=col_mask, other=0.0)
+        valid = row_mask[:, None] & col_mask[None, :]
+        neg = valid & (rows[:, None] != cols[None, :])
+        w = tl.where(neg & (off_r[:, None] + s > 0), gr[:, None], 0.0) + \
+            tl.where(neg & (off_c[None, :] + s > 0), gc[None, :], 0.0)
+        tl.store(W + local[:, None] * stride_wm + cols[None, :], w.to(W.dtype.element_ty), mask=valid)
