@@ -103,19 +103,18 @@ def test_temperature_equals_official(step):
     assert got.min() >= 0.05 - 0.04 - 1e-7 and got.max() <= 0.20 + 0.04 + 1e-7
 
 
-@pytest.mark.parametrize("backend", [backend_param("infonce", b) for b in BACKENDS])
-@pytest.mark.parametrize("n,d,seed", [(7, 12, 0), (33, 40, 1), (64, 8, 2)])
-def test_mmts_clip_loss_equals_official(backend, n, d, seed):
+def _module_equals_official(module_cls, official_loss, backend, n, d, seed, scale_in=1.0, scale_txt=1.0):
     img, txt, sizes = _setup(n, d, seed, torch.float64)
+    img, txt = img * scale_in, txt * scale_txt
     total, step, cmin, cmax = 5000, 1234, 3, 400
     tau = official_tau(step, sizes, ALPHA, int(total / NUM_OSC), cmin, cmax, SMIN, SMAX)
     want_leaves = [t.clone().requires_grad_() for t in (img, txt)]
-    want = official_mmts_clip(*want_leaves, tau)
+    want = official_loss(*want_leaves, tau)
     want.backward()
     dt = _dtype(backend)
     dev = kernel_device() if backend == "triton" else torch.device("cpu")
     leaves = [t.to(dev, dt).requires_grad_() for t in (img, txt)]
-    module = fc.MMTSClipLoss(total_steps=total, c_min=cmin, c_max=cmax, backend=backend)
+    module = module_cls(total_steps=total, c_min=cmin, c_max=cmax, backend=backend)
     loss = module(*leaves, step=step, tau=tau.to(dev))  # the official τ: the loss alone is compared
     loss.backward()
     tol = _tol(dt)
@@ -124,30 +123,19 @@ def test_mmts_clip_loss_equals_official(backend, n, d, seed):
         assert rel_err(a.grad, b.grad) <= tol
     # τ from the cluster sizes: differs from the official τ by its float32 rounding only
     assert rel_err(module(*leaves, step=step, cluster_sizes=sizes.to(dev)), want) <= max(tol, 1e-6)
+
+
+@pytest.mark.parametrize("backend", [backend_param("infonce", b) for b in BACKENDS])
+@pytest.mark.parametrize("n,d,seed", [(7, 12, 0), (33, 40, 1), (64, 8, 2)])
+def test_mmts_clip_loss_equals_official(backend, n, d, seed):
+    _module_equals_official(fc.MMTSClipLoss, official_mmts_clip, backend, n, d, seed)
 
 
 @pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in BACKENDS])
 @pytest.mark.parametrize("n,d,seed", [(7, 12, 0), (33, 40, 1)])
 def test_mmts_max_margin_equals_official(backend, n, d, seed):
-    img, txt, sizes = _setup(n, d, seed, torch.float64)
-    img, txt = img * 3.0, txt * 0.5  # unnormalised inputs: the official loss normalises (fix_norm)
-    total, step, cmin, cmax = 800, 410, 3, 400
-    tau = official_tau(step, sizes, ALPHA, int(total / NUM_OSC), cmin, cmax, SMIN, SMAX)
-    want_leaves = [t.clone().requires_grad_() for t in (img, txt)]
-    want = official_max_margin(*want_leaves, tau)
-    want.backward()
-    dt = _dtype(backend)
-    dev = kernel_device() if backend == "triton" else torch.device("cpu")
-    leaves = [t.to(dev, dt).requires_grad_() for t in (img, txt)]
-    module = fc.MMTSMaxMarginLoss(total_steps=total, c_min=cmin, c_max=cmax, backend=backend)
-    loss = module(*leaves, step=step, tau=tau.to(dev))  # the official τ: the loss alone is compared
-    loss.backward()
-    tol = _tol(dt)
-    assert rel_err(loss, want) <= tol
-    for a, b in zip(leaves, want_leaves):
-        assert rel_err(a.grad, b.grad) <= tol
-    # τ from the cluster sizes: differs from the official τ by its float32 rounding only
-    assert rel_err(module(*leaves, step=step, cluster_sizes=sizes.to(dev)), want) <= max(tol, 1e-6)
+    # unnormalised inputs: the official loss normalises (fix_norm)
+    _module_equals_official(fc.MMTSMaxMarginLoss, official_max_margin, backend, n, d, seed, 3.0, 0.5)
 
 
 @pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in BACKENDS])

@@ -45,21 +45,38 @@ def _grad_gemm(gm: Tensor, other: Tensor, acc: torch.dtype) -> Tensor:
     return _gemm_acc((gm / sigma).to(other.dtype), other, acc) * sigma
 
 
+def _similarity(x: Tensor, y: Tensor, normalize: bool, tokens: int):
+    """(S in the accumulation dtype, x̂, ŷ, inverse token norms or None): the forward prologue of both paths."""
+    if normalize:
+        inv_x, inv_y = inv_token_norms(x, tokens), inv_token_norms(y, tokens)
+        xh, yh = apply_tokens(x, inv_x).to(x.dtype), apply_tokens(y, inv_y).to(y.dtype)
+    else:
+        inv_x = inv_y = None
+        xh, yh = x, y
+    return _gemm_acc(xh, yh.T, acc_dtype(x)), xh, yh, inv_x, inv_y
+
+
+def _feature_grads(ctx, gm: Tensor, coef: Tensor, x, y, xh, yh, inv_x, inv_y):
+    """(dx, dy) from the gradient weights of S: coef·G Ŷ and coef·Gᵀ X̂, through the normalisation when asked."""
+    acc = gm.dtype
+    dx = dy = None
+    if ctx.needs_input_grad[0]:
+        dx = _grad_gemm(gm, yh, acc) * coef
+        dx = (token_norm_backward(x, inv_x, dx) if ctx.normalize else dx).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        dy = _grad_gemm(gm.T, xh, acc) * coef
+        dy = (token_norm_backward(y, inv_y, dy) if ctx.normalize else dy).to(y.dtype)
+    return dx, dy
+
+
 class DenseInfoNCE(torch.autograd.Function):
     """The general case: scales per row (a) and per column (c), positives p(i) (None: the diagonal)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, a: Tensor, c: Tensor, labels: Optional[Tensor], normalize: bool,
                 tokens: int) -> Tensor:
-        acc = acc_dtype(x)
-        if normalize:
-            inv_x, inv_y = inv_token_norms(x, tokens), inv_token_norms(y, tokens)
-            xh, yh = apply_tokens(x, inv_x).to(x.dtype), apply_tokens(y, inv_y).to(y.dtype)
-        else:
-            inv_x = inv_y = None
-            xh, yh = x, y
-        s = _gemm_acc(xh, yh.T, acc)
-        a_, c_ = a.to(acc), c.to(acc)
+        s, xh, yh, inv_x, inv_y = _similarity(x, y, normalize, tokens)
+        a_, c_ = a.to(s.dtype), c.to(s.dtype)
         lsm_r = torch.log_softmax(a_[:, None] * s, 1)
         lsm_c = torch.log_softmax(c_[None, :] * s, 0)
         if labels is None:
@@ -91,13 +108,8 @@ class DenseInfoNCE(torch.autograd.Function):
             d_c = q.mul_(h[None, :]).scatter_add_(1, labels[:, None], torch.full((n, 1), -1.0, dtype=acc,
                                                                                    device=s.device))
         gm = (a[:, None] * d_r).add_(c[None, :] * d_c)
-        dx = dy = da = dc = None
-        if ctx.needs_input_grad[0]:
-            dx = _grad_gemm(gm, yh, acc) * w
-            dx = (token_norm_backward(x, inv_x, dx) if ctx.normalize else dx).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dy = _grad_gemm(gm.T, xh, acc) * w
-            dy = (token_norm_backward(y, inv_y, dy) if ctx.normalize else dy).to(y.dtype)
+        dx, dy = _feature_grads(ctx, gm, w, x, y, xh, yh, inv_x, inv_y)
+        da = dc = None
         if ctx.needs_input_grad[2]:
             da = (w * (d_r * s).sum(dim=1)).to(a.dtype)
         if ctx.needs_input_grad[3]:
@@ -112,15 +124,8 @@ class DenseClip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, normalize: bool, tokens: int) -> Tensor:
-        acc = acc_dtype(x)
-        if normalize:
-            inv_x, inv_y = inv_token_norms(x, tokens), inv_token_norms(y, tokens)
-            xh, yh = apply_tokens(x, inv_x).to(x.dtype), apply_tokens(y, inv_y).to(y.dtype)
-        else:
-            inv_x = inv_y = None
-            xh, yh = x, y
-        s = _gemm_acc(xh, yh.T, acc)
-        sc = scale if scale.dtype == acc else scale.to(acc)
+        s, xh, yh, inv_x, inv_y = _similarity(x, y, normalize, tokens)
+        sc = scale if scale.dtype == s.dtype else scale.to(s.dtype)
         logits = s * sc
         # log_softmax is one fused kernel per direction (logsumexp is several): it matters at small N
         lsm_r, lsm_c = torch.log_softmax(logits, 1), torch.log_softmax(logits, 0)
@@ -135,14 +140,8 @@ class DenseClip(torch.autograd.Function):
         w = g.to(s.dtype) / (2 * s.shape[0])
         gm = lsm_r.exp().add_(lsm_c.exp())
         gm.diagonal().sub_(2)
-        coef = w * sc
-        dx = dy = ds = None
-        if ctx.needs_input_grad[0]:
-            dx = _grad_gemm(gm, yh, s.dtype) * coef
-            dx = (token_norm_backward(x, inv_x, dx) if ctx.normalize else dx).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dy = _grad_gemm(gm.T, xh, s.dtype) * coef
-            dy = (token_norm_backward(y, inv_y, dy) if ctx.normalize else dy).to(y.dtype)
+        dx, dy = _feature_grads(ctx, gm, w * sc, x, y, xh, yh, inv_x, inv_y)
+        ds = None
         if ctx.needs_input_grad[2]:
             ds = (w * torch.dot(gm.view(-1), s.view(-1))).to(sc.dtype)
         return dx, dy, ds, None, None
