@@ -68,15 +68,32 @@ def _ext_modules():
     cxx = ["-O3", "-fopenmp"]  # no -std: torch adds the standard its headers need (C++20 for torch 2.13)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        # The CuTe kernels need the CUTLASS/CuTe headers of the nvidia-cutlass package (a build requirement of the
+        # CUDA part only): without it they are left out and the WMMA kernels serve backend="cuda" alone.
+        cutlass = cutlass_include()
+        macros = [("FASTCONTRAST_WITH_CUDA", "1")] + ([("FASTCONTRAST_WITH_CUTE", "1")] if cutlass else [])
+        if not cutlass:
+            cu = [f for f in cu if not f.endswith("_cute.cu")]
+            _notice("nvidia-cutlass is not installed: building without the CuTe kernels (pip install nvidia-cutlass)")
         ext = CUDAExtension(
             "fastcontrast._C", cpp + [os.path.join("csrc", "cuda_binding.cpp")] + cu,
-            define_macros=[("FASTCONTRAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            define_macros=macros, include_dirs=[cutlass] if cutlass else [],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension("fastcontrast._C", cpp, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": _optional(BuildExtension, want == "1")}
+
+
+def cutlass_include():
+    """The CUTLASS/CuTe include folder shipped by the nvidia-cutlass package, or None."""
+    try:
+        import cutlass_library
+    except Exception:  # noqa: BLE001
+        return None
+    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return path if os.path.exists(os.path.join(path, "cute", "tensor.hpp")) else None
 
 
 def _optional(base, strict):

@@ -5,6 +5,8 @@
 # Logs land in $OUT; copy the tables into benchmarks/RESULTS.md with the device, date, command and commit.
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
 # STEPS picks a subset (default: all of "tests validate resources bench crossover"); older steps: tune, profile.
+# The CuTe kernels (issue 14): STEPS="build cute" builds the extension on the device with the nvidia-cutlass headers
+# (JIT, a few minutes), checks the CuTe kernels against the reference, and benches backend "cuda" (CuTe) beside Triton.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/fc_out}; mkdir -p "$OUT"
@@ -26,6 +28,10 @@ for step in $STEPS; do
     resources) timeout 60 python3 benchmarks/kernel_resources.py 2>&1 | tee "$OUT/resources.md" | tail -40 ;;
     bench) timeout ${BENCH_TIMEOUT:-120} python3 -m fastcontrast bench --ops clip --sizes ${SIZES:-4096,16384,65536} --dim 768 --dtype bfloat16 --reps 5 --no-progress --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -25 ;;
     crossover) timeout 60 python3 benchmarks/overhead_and_crossover.py --device cuda --sizes 1024,2048,4096,8192,16384 2>&1 | tee "$OUT/crossover.md" | tail -20 ;;
+    build) python3 -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 2>&1 | tail -1
+           FASTCONTRAST_JIT=1 timeout ${BUILD_TIMEOUT:-300} python3 -c "from fastcontrast import _ext; print('built:', _ext.IMPORT_ERROR or 'ok', 'cute:', _ext._C is not None and _ext._C.has_cute())" 2>&1 | tee "$OUT/build.log" | tail -3 ;;
+    cute) FASTCONTRAST_JIT=1 timeout 240 python3 -m pytest -q tests/test_cuda_cute.py tests/test_infonce_kernels.py -k "cuda or cute" -p no:cacheprovider 2>&1 | tee "$OUT/cute_tests.log" | tail -4
+          FASTCONTRAST_JIT=1 FASTCONTRAST_CUTE=1 timeout 150 python3 -m fastcontrast bench --ops clip --sizes 16384,65536 --dim 768 --dtype bfloat16 --reps 5 --no-compile --impls "cuda],triton]" --no-progress --out "$OUT/cute" 2>&1 | tee "$OUT/cute_bench.log" | tail -12 ;;
     tune) timeout 200 python3 benchmarks/tune_infonce.py 2>&1 | tee "$OUT/tune.log" ;;
     profile) timeout 120 python3 benchmarks/profile_infonce.py 2>&1 | tee "$OUT/profile.log" | grep -E "^## |Self CUDA time total" ;;
   esac

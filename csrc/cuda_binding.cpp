@@ -9,6 +9,12 @@
 
 #include "lse_pair_cuda.h"
 #include "sinkhorn_cuda.h"
+#ifdef FASTCONTRAST_WITH_CUTE
+#include <cstdlib>
+#include <cstring>
+
+#include "lse_pair_cute.h"
+#endif
 
 namespace {
 
@@ -28,7 +34,33 @@ void check(const at::Tensor& t, const char* name) {
 
 void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fastcontrast CUDA kernel failed: ", cudaGetErrorString(e)); }
 
+// The CuTe kernels (lse_pair_cute.cu) take fp16/bf16 operands with D % 8 == 0 and 16-byte rows. Until a GPU run
+// has validated them they are opt-in: FASTCONTRAST_CUTE=1.
+bool use_cute(const at::Tensor& x, const at::Tensor& y) {
+#ifdef FASTCONTRAST_WITH_CUTE
+  static const bool on = [] {
+    const char* v = std::getenv("FASTCONTRAST_CUTE");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  const auto t = x.scalar_type();
+  return on && (t == at::kHalf || t == at::kBFloat16) &&
+         fastcontrast::cute_kernels::supported(x.size(1), x.stride(0), y.stride(0), x.data_ptr(), y.data_ptr());
+#else
+  (void)x;
+  (void)y;
+  return false;
+#endif
+}
+
 }  // namespace
+
+bool has_cute() {
+#ifdef FASTCONTRAST_WITH_CUTE
+  return true;
+#else
+  return false;
+#endif
+}
 
 std::vector<at::Tensor> lse_pair_cuda_forward(at::Tensor x, at::Tensor y, at::Tensor a, at::Tensor c, double bias) {
   check(x, "x");
@@ -39,6 +71,20 @@ std::vector<at::Tensor> lse_pair_cuda_forward(at::Tensor x, at::Tensor y, at::Te
   auto lse_r = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   auto lse_c = at::empty({y.size(0)}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
+#ifdef FASTCONTRAST_WITH_CUTE
+  if (use_cute(x, y) && bias == 0.0) {  // one sweep: rows' lse + per-block column partials, merged here (base 2)
+    const int64_t blocks = (x.size(0) + 127) / 128;
+    auto pmax = at::empty({blocks, y.size(0)}, x.options().dtype(at::kFloat));
+    auto psum = at::empty({blocks, y.size(0)}, x.options().dtype(at::kFloat));
+    ok(fastcontrast::cute_kernels::launch_lse_sweep(
+        x.scalar_type() == at::kBFloat16, x.data_ptr(), y.data_ptr(), a.data_ptr<float>(), c.data_ptr<float>(),
+        lse_r.data_ptr<float>(), pmax.data_ptr<float>(), psum.data_ptr<float>(), x.size(0), y.size(0), x.size(1),
+        x.stride(0), y.stride(0), pmax.stride(0), stream));
+    auto top = pmax.amax(0);
+    lse_c = (top + at::log2((psum * at::exp2(pmax - top)).sum(0))) * 0.6931471805599453;
+    return {lse_r, lse_c};
+  }
+#endif
   const auto dt = dtype_of(x);
   ok(fastcontrast::launch_lse_rows(dt, x.data_ptr(), y.data_ptr(), a.data_ptr<float>(), static_cast<float>(bias),
                                    lse_r.data_ptr<float>(), x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0),
@@ -68,8 +114,23 @@ std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, a
   auto da = at::zeros({n}, x.options().dtype(at::kFloat));
   auto dc = at::zeros({m}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool cute = use_cute(x, y) && bias == 0.0;
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t rc = std::min(rows, n - r0);
+#ifdef FASTCONTRAST_WITH_CUTE
+    if (cute) {
+      ok(fastcontrast::cute_kernels::launch_grad_tile(
+          x.scalar_type() == at::kBFloat16, x.data_ptr(), y.data_ptr(), a.data_ptr<float>(), c.data_ptr<float>(),
+          lse_r.data_ptr<float>(), lse_c.data_ptr<float>(), g_r.data_ptr<float>(), g_c.data_ptr<float>(),
+          sigma.data_ptr<float>(), slab.data_ptr(), da.data_ptr<float>(), dc.data_ptr<float>(), r0, rc, m, x.size(1),
+          x.stride(0), y.stride(0), slab.stride(0), stream));
+      auto g = slab.narrow(0, 0, rc);
+      dx.narrow(0, r0, rc).copy_(at::mm(g, y));
+      dy.add_(at::mm(g.t(), x.narrow(0, r0, rc)));
+      continue;
+    }
+#endif
+    (void)cute;
     ok(fastcontrast::launch_grad_tile(dtype_of(x), x.data_ptr(), y.data_ptr(), a.data_ptr<float>(), c.data_ptr<float>(),
                                       static_cast<float>(bias), lse_r.data_ptr<float>(), lse_c.data_ptr<float>(),
                                       g_r.data_ptr<float>(), g_c.data_ptr<float>(), sigma.data_ptr<float>(),

@@ -164,6 +164,7 @@ std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, a
                                                at::Tensor a, at::Tensor c, double bias, at::Tensor lse_r,
                                                at::Tensor lse_c, int64_t budget_bytes);
 at::Tensor sinkhorn_cuda(at::Tensor scores, double epsilon, int64_t n_iters);
+bool has_cute();  // cuda_binding.cpp
 #endif
 
 at::Tensor sinkhorn_cpu(at::Tensor scores, double epsilon, int64_t n_iters);  // sinkhorn_cpu.cpp
@@ -192,5 +193,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_pair_cuda_forward", &lse_pair_cuda_forward, "pairwise row/column log-sum-exp, tiled (CUDA, WMMA)");
   m.def("lse_pair_cuda_backward", &lse_pair_cuda_backward, "its backward: G slabs + cuBLAS GEMMs (CUDA)");
   m.def("sinkhorn_cuda", &sinkhorn_cuda, "Sinkhorn-Knopp in log space, potential form (CUDA)");
+  m.def("has_cute", &has_cute, "whether the CuTe kernels (lse_pair_cute.cu) were compiled in");
 #endif
 }

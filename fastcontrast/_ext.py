@@ -25,12 +25,23 @@ def _jit_load():
     # the sources setup.py compiles: every .cpp but the CUDA binding, plus the binding and every .cu with CUDA
     binding = os.path.join(src, "cuda_binding.cpp")
     files = sorted(f for f in glob.glob(os.path.join(src, "*.cpp")) if f != binding)
-    if cuda:
-        files += [binding] + sorted(glob.glob(os.path.join(src, "*.cu")))
-    return load(name="fastcontrast_C_jit", sources=files, extra_cflags=["-O3", "-fopenmp"]
-                + (["-DFASTCONTRAST_WITH_CUDA=1"] if cuda else []), extra_ldflags=["-fopenmp"],
-                extra_cuda_cflags=["-O3", "--use_fast_math", "-DFASTCONTRAST_WITH_CUDA=1"], with_cuda=cuda,
+    cutlass = _cutlass_include() if cuda else None
+    flags = ["-DFASTCONTRAST_WITH_CUDA=1"] + (["-DFASTCONTRAST_WITH_CUTE=1"] if cutlass else []) if cuda else []
+    if cuda:  # the same rule as setup.py: the CuTe kernels only with the nvidia-cutlass headers
+        files += [binding] + sorted(f for f in glob.glob(os.path.join(src, "*.cu")) if cutlass or "_cute" not in f)
+    return load(name="fastcontrast_C_jit", sources=files, extra_cflags=["-O3", "-fopenmp"] + flags,
+                extra_ldflags=["-fopenmp"], extra_include_paths=[cutlass] if cutlass else [],
+                extra_cuda_cflags=["-O3", "--use_fast_math", "--expt-relaxed-constexpr"] + flags, with_cuda=cuda,
                 verbose=False)
+
+
+def _cutlass_include():
+    try:
+        import cutlass_library
+    except Exception:  # noqa: BLE001
+        return None
+    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return path if os.path.exists(os.path.join(path, "cute", "tensor.hpp")) else None
 
 
 if os.environ.get("FASTCONTRAST_JIT", "0") == "1" and (_C is None or not _C.has_cuda()):
