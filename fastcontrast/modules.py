@@ -164,7 +164,9 @@ class ObliqueClipLoss(nn.Module):
 class _MMTS(nn.Module):
     """The schedule state shared by the MM-TS losses: τ_i(t) = (α/2)·cos(2πt/P) + sh(c_i)."""
 
-    def __init__(self, total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend):
+    def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
+                 c_max: Optional[float] = None, alpha: float = 0.08, num_oscillations: int = 5, s_min: float = 0.05,
+                 s_max: float = 0.20, backend: str = "auto"):
         super().__init__()
         self.total_steps, self.c_min, self.c_max = total_steps, c_min, c_max
         self.alpha, self.num_oscillations, self.s_min, self.s_max = alpha, num_oscillations, s_min, s_max
@@ -222,11 +224,6 @@ class MMTSMaxMarginLoss(_MMTS):
 
     ``forward(image_features, text_features, step, cluster_sizes=None, total_steps=None, tau=None)``.
     """
-
-    def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
-                 c_max: Optional[float] = None, alpha: float = 0.08,
-                 num_oscillations: int = 5, s_min: float = 0.05, s_max: float = 0.20, backend: str = "auto"):
-        super().__init__(total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend)
 
     def forward(self, image_features, text_features, step=0, cluster_sizes=None, total_steps=None, tau=None,
                 output_dict: bool = False):
@@ -353,9 +350,9 @@ class FeatureQueue(nn.Module):
 
         x = x.detach()
         if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, x.contiguous())
-            x = torch.cat(parts)
+            from .distributed import all_gather_with_grad
+
+            x = all_gather_with_grad(x)  # no gradient flows here: enqueue runs under no_grad
         x = x[-self.length:]
         b = x.shape[0]
         idx = (self.ptr + torch.arange(b, device=x.device)) % self.length

@@ -41,6 +41,11 @@ def _worker(rank, world, init_file, out_dir, mode, uneven):
         y = y_all[sl].clone().requires_grad_()
         if uneven and rank == 0:
             x, y = x[:-1].detach().requires_grad_(), y[:-1].detach().requires_grad_()
+        if mode == "queue":  # ALBEF's enqueue: every rank's rows, in rank order
+            q = fc.FeatureQueue(8, D)
+            q.enqueue(x.detach()[:2])
+            torch.save(dict(contents=q.contents().clone()), os.path.join(out_dir, f"r{rank}.pt"))
+            return
         if mode == "codebook":  # SwAV's global Sinkhorn: targets over every rank's rows (+ rank 0's queue)
             g = torch.Generator().manual_seed(11)
             cb, queue = torch.randn(5, D, generator=g), torch.randn(7, D, generator=g)
@@ -179,3 +184,11 @@ def test_distributed_sinkhorn_equals_one_process_on_the_global_batch(world):
     want = fc.codebook_loss(x_all, y_all, x_all * 2, y_all * 2, cb, queue_image=queue, queue_text=queue,
                             backend="reference")
     assert rel_err(sum(res["loss"] for res in results) / world, want) <= 1e-5
+
+
+def test_feature_queue_gathers_every_rank():
+    results = _run(2, "queue")
+    x_all, _ = _data(2)
+    want = torch.cat([x_all[0:2], x_all[N_LOCAL:N_LOCAL + 2]])
+    for res in results:
+        assert torch.equal(res["contents"], want)

@@ -10,6 +10,29 @@ from .._configs import launch as launch_config
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
 
+def _kernel_norms(a: Tensor, b: Tensor, normalize: bool):
+    """The inverse row norms the kernels read; a 1-element dummy (never read) when not normalising."""
+    if normalize:
+        return T.inv_token_norms(a, 1), T.inv_token_norms(b, 1)
+    dummy = a.new_empty(1, dtype=torch.float32)
+    return dummy, dummy
+
+
+def _gemm_operands(a: Tensor, b: Tensor, normalize: bool):
+    """(inv_a, inv_b, â, b̂): the kernels' inverse norms and the backward GEMMs' operands in the features' dtype."""
+    inv_a, inv_b = _kernel_norms(a, b, normalize)
+    if not normalize:
+        return inv_a, inv_b, a, b
+    return inv_a, inv_b, T.apply_tokens(a, inv_a).to(a.dtype), T.apply_tokens(b, inv_b).to(b.dtype)
+
+
+def _through_norms(a: Tensor, b: Tensor, inv_a: Tensor, inv_b: Tensor, dah: Tensor, dbh: Tensor, normalize: bool):
+    """Gradients w.r.t. â, b̂ carried back through the normalisation, in the features' dtypes."""
+    if normalize:
+        dah, dbh = T.token_norm_backward(a, inv_a, dah), T.token_norm_backward(b, inv_b, dbh)
+    return dah.to(a.dtype), dbh.to(b.dtype)
+
+
 class HingeRows(torch.autograd.Function):
     """out_i = Σ_j [o_i + S_ij]_+ (or its hardest term) over the negatives of row i; S = ÂB̂ᵀ tiled."""
 
@@ -21,9 +44,7 @@ class HingeRows(torch.autograd.Function):
         a, b = a.contiguous(), b.contiguous()
         na, d = a.shape
         nb = b.shape[0]
-        dummy = a.new_empty(1, dtype=torch.float32)
-        inv_a = T.inv_token_norms(a, 1) if normalize else dummy
-        inv_b = T.inv_token_norms(b, 1) if normalize else dummy
+        inv_a, inv_b = _kernel_norms(a, b, normalize)
         off = offset.detach().float().contiguous()
         ka, kb = key_a.to(torch.int32).contiguous(), key_b.to(torch.int32).contiguous()
         out = torch.empty(na, device=a.device, dtype=torch.float32)
@@ -47,34 +68,28 @@ class HingeRows(torch.autograd.Function):
         nb = b.shape[0]
         acc = torch.float32
         g = g_out.float().contiguous()
-        inv_a = T.inv_token_norms(a, 1) if ctx.normalize else None
-        inv_b = T.inv_token_norms(b, 1) if ctx.normalize else None
-        ah = T.apply_tokens(a, inv_a).to(a.dtype) if ctx.normalize else a
-        bh = T.apply_tokens(b, inv_b).to(b.dtype) if ctx.normalize else b
+        inv_a, inv_b, ah, bh = _gemm_operands(a, b, ctx.normalize)
         if ctx.hardest:
             w = g * cnt  # g_i where the hardest hinge is active, else 0
             dah = w[:, None] * bh[arg.long()].to(acc)
             dbh = torch.zeros(nb, d, dtype=acc, device=a.device).index_add_(0, arg.long(), w[:, None] * ah.to(acc))
         else:
             cfg, warps, stages = launch_config("_hinge_grad_tile_kernel", a.device, a.dtype)
-            dummy = a.new_empty(1, dtype=torch.float32)
             sigma = g.abs().amax().clamp_min(1e-30)  # the slab holds g/σ <= 1: the mean's 1/(2N²) would flush in fp16
             g_s = g / sigma
 
             def fill(r0, rc, slab):
                 grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(nb, cfg["BLOCK_N"]))
                 K._hinge_grad_tile_kernel[grid](
-                    a, b, inv_a if ctx.normalize else dummy, inv_b if ctx.normalize else dummy, off, ka, kb, g_s,
+                    a, b, inv_a, inv_b, off, ka, kb, g_s,
                     slab, r0, rc, nb, d, d, 1, a.stride(0), b.stride(0), slab.stride(0),
                     NORM=ctx.normalize, PRECISION=T.precision(a.dtype), UPCAST=T.upcast(a),
                     num_warps=warps, num_stages=stages, **cfg)
 
             dah, dbh = T.slab_products(fill, ah, bh, acc)
             dah, dbh = dah * sigma, dbh * sigma
-        if ctx.normalize:
-            dah = T.token_norm_backward(a, inv_a, dah)
-            dbh = T.token_norm_backward(b, inv_b, dbh)
-        return dah.to(a.dtype), dbh.to(b.dtype), (g * cnt).to(off.dtype), None, None, None, None
+        da, db = _through_norms(a, b, inv_a, inv_b, dah, dbh, ctx.normalize)
+        return da, db, (g * cnt).to(off.dtype), None, None, None, None
 
 
 class PairHinge(torch.autograd.Function):
@@ -88,9 +103,7 @@ class PairHinge(torch.autograd.Function):
 
         a, b = a.contiguous(), b.contiguous()
         n, d = a.shape
-        dummy = a.new_empty(1, dtype=torch.float32)
-        inv_a = T.inv_token_norms(a, 1) if normalize else dummy
-        inv_b = T.inv_token_norms(b, 1) if normalize else dummy
+        inv_a, inv_b = _kernel_norms(a, b, normalize)
         off = offset.detach().float().contiguous()
         cfg, warps, stages = launch_config("_hinge_pair_fwd_kernel", a.device, a.dtype)
         n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
@@ -115,29 +128,22 @@ class PairHinge(torch.autograd.Function):
         n, d = a.shape
         g_r = torch.zeros(n, device=a.device) if g_r is None else g_r.float().contiguous()
         g_c = torch.zeros(n, device=a.device) if g_c is None else g_c.float().contiguous()
-        inv_a = T.inv_token_norms(a, 1) if ctx.normalize else None
-        inv_b = T.inv_token_norms(b, 1) if ctx.normalize else None
-        ah = T.apply_tokens(a, inv_a).to(a.dtype) if ctx.normalize else a
-        bh = T.apply_tokens(b, inv_b).to(b.dtype) if ctx.normalize else b
+        inv_a, inv_b, ah, bh = _gemm_operands(a, b, ctx.normalize)
         sigma = torch.maximum(g_r.abs().amax(), g_c.abs().amax()).clamp_min(1e-30)  # slab entries <= 2
         gr_s, gc_s = g_r / sigma, g_c / sigma
         cfg, warps, stages = launch_config("_hinge_pair_grad_tile_kernel", a.device, a.dtype)
-        dummy = a.new_empty(1, dtype=torch.float32)
 
         def fill(r0, rc, slab):
             grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
             K._hinge_pair_grad_tile_kernel[grid](
-                a, b, inv_a if ctx.normalize else dummy, inv_b if ctx.normalize else dummy, off, gr_s, gc_s, slab,
+                a, b, inv_a, inv_b, off, gr_s, gc_s, slab,
                 r0, rc, n, d, a.stride(0), b.stride(0), slab.stride(0), NORM=ctx.normalize,
                 PRECISION=T.precision(a.dtype), UPCAST=T.upcast(a), num_warps=warps, num_stages=stages, **cfg)
 
         dah, dbh = T.slab_products(fill, ah, bh, torch.float32)
-        dah, dbh = dah * sigma, dbh * sigma
-        if ctx.normalize:
-            dah = T.token_norm_backward(a, inv_a, dah)
-            dbh = T.token_norm_backward(b, inv_b, dbh)
+        da, db = _through_norms(a, b, inv_a, inv_b, dah * sigma, dbh * sigma, ctx.normalize)
         d_off = g_r * cnt + g_c * cnt_c  # o_i enters row i's and column i's active hinges
-        return dah.to(a.dtype), dbh.to(b.dtype), d_off.to(off.dtype), None
+        return da, db, d_off.to(off.dtype), None
 
 
 def negative_count(labels: Tensor, n_cols: int) -> Tensor:
