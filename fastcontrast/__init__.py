@@ -2,6 +2,7 @@
 per-sample temperature and margin, CODIS codebook) with a pure-PyTorch reference behind every kernel."""
 from ._validation import debug, debug_enabled, set_debug
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends
+from .gradcache import GradCache
 from .functional import (
     adaptive_temperature_clip_loss,
     clip_loss,
@@ -36,5 +37,6 @@ __all__ = [
     "mmts_temperature", "density_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
     "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "MMTSClipLoss", "MMTSMaxMarginLoss", "DensityTemperatureClipLoss",
     "MaxMarginLoss", "CodebookLoss", "CodisLoss", "FeatureQueue", "EMATeacher", "momentum_contrastive_loss",
+    "GradCache",
     "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]
