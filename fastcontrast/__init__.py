@@ -9,6 +9,7 @@ from .functional import (
     codebook_loss,
     cosine_schedule,
     density_temperature,
+    distill_clip_loss,
     max_margin_loss,
     mmts_temperature,
     momentum_contrastive_loss,
@@ -21,6 +22,7 @@ from .modules import (
     CodebookLoss,
     CodisLoss,
     DensityTemperatureClipLoss,
+    DistillClipLoss,
     EMATeacher,
     FeatureQueue,
     MaxMarginLoss,
@@ -37,6 +39,7 @@ __all__ = [
     "mmts_temperature", "density_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
     "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "MMTSClipLoss", "MMTSMaxMarginLoss", "DensityTemperatureClipLoss",
     "MaxMarginLoss", "CodebookLoss", "CodisLoss", "FeatureQueue", "EMATeacher", "momentum_contrastive_loss",
+    "distill_clip_loss", "DistillClipLoss",
     "GradCache",
     "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]

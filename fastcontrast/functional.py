@@ -440,6 +440,47 @@ def momentum_contrastive_loss(
                 alpha, bool(normalize))
 
 
+@autocast_aware("image_features", "text_features", "teacher_image_features", "teacher_text_features")
+def distill_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Scalar,
+    teacher_image_features: torch.Tensor,
+    teacher_text_features: torch.Tensor,
+    teacher_logit_scale: Scalar,
+    backend: str = "auto",
+):
+    """open_clip's ``DistillClipLoss`` terms: (contrastive, distill) with L = s·XYᵀ, L^T = t·X^T Y^Tᵀ,
+    contrastive = ½[CE(L, diag) + CE(Lᵀ, diag)], distill = ½[−mean_i Σ_j softmax(L^T)_ij log softmax(L)_ij + the
+    same over columns].
+
+    Student features (N, D) as given (open_clip does not normalise here); teacher features (N, Dt), Dt may differ
+    from D; ``logit_scale`` / ``teacher_logit_scale`` are the multipliers. The teacher gets no gradient. The fused
+    backends never build an N×N matrix: the distillation term is lse_i − s·⟨x_i, Σ_j P^T_ij y_j⟩ per row.
+    """
+    _check_image_text(image_features, text_features)
+    V.check_features("teacher_image_features", teacher_image_features, 2)
+    V.check_features("teacher_text_features", teacher_text_features, 2)
+    V.check_pair("teacher_image_features", teacher_image_features, "teacher_text_features", teacher_text_features)
+    n = image_features.shape[0]
+    if text_features.shape[0] != n:
+        raise ValueError(f"distill_clip_loss pairs image i with text i: batches must match, got {n} images and "
+                         f"{text_features.shape[0]} texts")
+    for nm, t in (("teacher_image_features", teacher_image_features),
+                  ("teacher_text_features", teacher_text_features)):
+        if t.shape[0] != n:
+            raise ValueError(f"{nm} must have the student's batch ({n} rows), got {t.shape[0]}")
+        if t.device != image_features.device:
+            raise ValueError(f"{nm} is on {t.device} but the student features are on {image_features.device}")
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
+    t_scale = V.as_scalar_tensor("teacher_logit_scale", teacher_logit_scale, image_features).detach()
+    V.check_finite(image_features=image_features, text_features=text_features,
+                   teacher_image_features=teacher_image_features, teacher_text_features=teacher_text_features)
+    _, impl = resolve("distill", backend, image_features.device, n * n)
+    ti, tt = teacher_image_features.detach(), teacher_text_features.detach()
+    return impl(image_features, text_features, scale, ti, tt, t_scale, 0, image_features, text_features, ti, tt)
+
+
 def _perplexity(usage: torch.Tensor) -> float:
     p = usage.double() / usage.sum().clamp(min=1)
     return float(torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()))
@@ -448,5 +489,5 @@ def _perplexity(usage: torch.Tensor) -> float:
 __all__ = [
     "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
     "density_temperature", "mmts_temperature", "sinkhorn", "codebook_loss", "momentum_contrastive_loss",
-    "cosine_schedule",
+    "cosine_schedule", "distill_clip_loss",
 ]

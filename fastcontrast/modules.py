@@ -415,3 +415,45 @@ class CodisLoss(nn.Module):
         self.queue_image.enqueue(torch.nn.functional.normalize(ti.to(self.queue_image.buffer.dtype), dim=-1))
         self.queue_text.enqueue(torch.nn.functional.normalize(tt.to(self.queue_text.buffer.dtype), dim=-1))
         return out
+
+
+class DistillClipLoss(ClipLoss):
+    """Drop-in for ``open_clip.loss.DistillClipLoss`` (same constructor and ``forward``), fused: no N×N logits.
+
+    ``forward(image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+    dist_logit_scale, output_dict=False)`` -> ``(contrastive_loss, distill_loss)`` or the dict of both; the
+    ``dist_*`` arguments are the teacher's (features (N, Dt), its scale), which gets no gradient. With
+    ``world_size > 1`` it gathers student and teacher like open_clip (``local_loss``, ``gather_with_grad``).
+    """
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict: bool = False):
+        if self.world_size > 1:
+            contrastive, distill = self._distributed_distill(image_features, text_features, logit_scale,
+                                                             dist_image_features, dist_text_features,
+                                                             dist_logit_scale)
+        else:
+            contrastive, distill = Fn.distill_clip_loss(image_features, text_features, logit_scale,
+                                                        dist_image_features, dist_text_features, dist_logit_scale,
+                                                        backend=self.backend)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+    def _distributed_distill(self, x, y, s, tx, ty, ts):
+        from . import distributed as D
+        from .dispatch import resolve
+
+        n = x.shape[0]
+        if self._checked_batch != n:  # one extra collective per new local batch size, not per step
+            D.check_equal_local_batches(n)
+            self._checked_batch = n
+        all_x, all_y = D.gather_features(x, y, self.local_loss, self.gather_with_grad)
+        with torch.no_grad():
+            all_tx, all_ty = D.gather_features(tx.detach(), ty.detach(), True, False)
+        s = V.as_scalar_tensor("logit_scale", s, x)
+        ts = V.as_scalar_tensor("dist_logit_scale", ts, x).detach()
+        _, impl = resolve("distill", self.backend, x.device, n * all_y.shape[0])
+        if self.local_loss:  # this rank's rows against the global keys, positives at n·rank + i (open_clip)
+            return impl(x, y, s, tx.detach(), ty.detach(), ts, n * self.rank, all_x, all_y, all_tx, all_ty)
+        return impl(all_x, all_y, s, all_tx, all_ty, ts, 0, all_x, all_y, all_tx, all_ty)

@@ -48,7 +48,7 @@ def test_create_loss_builds_fastcontrast_classes_after_patch(oc):
     assert isinstance(oc.create_loss(_args(siglip=True)), fc.SigLipLoss)
     coca = oc.create_loss(_args(model="coca_ViT-B-32"))
     assert isinstance(coca, fco.FastCoCaLoss) and coca.caption_loss_weight == 2.0
-    assert type(oc.create_loss(_args(distill=True))).__module__ == "open_clip.loss"  # left alone, on purpose
+    assert isinstance(oc.create_loss(_args(distill=True)), fco.FastDistillClipLoss)
 
 
 def test_unpatch_restores_every_binding(oc):
@@ -57,7 +57,7 @@ def test_unpatch_restores_every_binding(oc):
     import fastcontrast.integrations.open_clip as fco
 
     before = {(m.__name__, n): getattr(m, n) for m in (oc, open_clip.loss, open_clip.factory)
-              for n in ("ClipLoss", "SigLipLoss", "CoCaLoss") if hasattr(m, n)}
+              for n in ("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss") if hasattr(m, n)}
     fco.patch()
     assert all(getattr(sys.modules[m], n) is not cls for (m, n), cls in before.items())
     fco.patch(backend="reference")  # twice, another backend: still one layer deep
@@ -99,6 +99,35 @@ def test_fast_coca_loss_equals_open_clip(oc):
     got = run(fco.FastCoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, backend="reference"))
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_distill_through_create_loss_equals_open_clip(oc, backend):
+    """``--distill``: open_clip's create_loss builds the fused DistillClipLoss; both outputs and the student's
+    gradients equal open_clip's, and the teacher (run under no_grad by the trainer) gets no gradient."""
+    import fastcontrast.integrations.open_clip as fco
+
+    if backend == "cpu" and fc.dispatch.unavailable_reason("distill", "cpu", torch.device("cpu")) is not None:
+        pytest.skip(fc.dispatch.unavailable_reason("distill", "cpu", torch.device("cpu")))
+    theirs_obj = oc.create_loss(_args(distill=True))
+    fco.patch(backend=backend)
+    ours_obj = oc.create_loss(_args(distill=True))
+    assert type(theirs_obj).__module__ == "open_clip.loss" and isinstance(ours_obj, fco.FastDistillClipLoss)
+    g = torch.Generator().manual_seed(1)
+    img, txt = (torch.randn(9, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    t_img, t_txt = (torch.randn(9, 20, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def run(loss_obj, output_dict):
+        x, y, s = img.clone().requires_grad_(), txt.clone().requires_grad_(), torch.tensor(2.5, dtype=torch.float64)
+        s.requires_grad_()
+        out = loss_obj(x, y, s, t_img, t_txt, torch.tensor(9.0, dtype=torch.float64), output_dict=output_dict)
+        c, d = (out["contrastive_loss"], out["distill_loss"]) if output_dict else out
+        (c + 0.5 * d).backward()
+        return [c.detach(), d.detach(), x.grad, y.grad, s.grad]
+
+    for output_dict in (True, False):
+        for a, b in zip(run(ours_obj, output_dict), run(theirs_obj, output_dict)):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def _train(*flags):

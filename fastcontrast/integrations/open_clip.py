@@ -3,14 +3,15 @@
     import fastcontrast.integrations.open_clip as fco
     fco.patch()            # before open_clip_train builds its loss (open_clip.create_loss)
 
-``patch`` replaces open_clip's ``ClipLoss``, ``SigLipLoss`` and ``CoCaLoss`` with subclasses of fastcontrast's
-fused losses (same constructors, same ``forward``), *everywhere the originals are bound*: ``open_clip.loss``,
-the ``open_clip`` package, ``open_clip.factory`` (whose ``create_loss`` uses its own ``from .loss import ...``
+``patch`` replaces open_clip's ``ClipLoss``, ``SigLipLoss``, ``CoCaLoss`` and ``DistillClipLoss`` with subclasses
+of fastcontrast's fused losses (same constructors, same ``forward``), *everywhere the originals are bound*:
+``open_clip.loss``, the ``open_clip`` package, ``open_clip.factory`` (whose ``create_loss`` uses its own ``from .loss import ...``
 binding) and any other loaded module that imported them by name. ``unpatch`` puts every binding back.
 
-Not patched: ``DistillClipLoss``. Its distillation term needs the student's and the teacher's full N×N logits
-(a soft-target cross-entropy over them), so the contrastive term computed from those same logits costs nothing
-more, and a fused kernel would only add a recompute.
+``DistillClipLoss`` (``--distill``) needs no N×N logits either: per row its soft-target term is
+lse_i − s·⟨x_i, Σ_j P^T_ij y_j⟩, the teacher-softmax-weighted sum of the student's keys computed in row blocks
+(:mod:`fastcontrast.ops.infonce.distill`). One difference on purpose: the teacher gets no gradient (open_clip's
+trainer runs it under ``no_grad`` anyway).
 """
 from __future__ import annotations
 
@@ -55,7 +56,12 @@ class FastCoCaLoss(M.ClipLoss):
         return clip_loss, caption_loss
 
 
-_REPLACEMENTS = {"ClipLoss": FastClipLoss, "SigLipLoss": FastSigLipLoss, "CoCaLoss": FastCoCaLoss}
+class FastDistillClipLoss(M.DistillClipLoss):
+    """open_clip's ``DistillClipLoss`` signature and outputs on the fused InfoNCE and teacher-weighted keys."""
+
+
+_REPLACEMENTS = {"ClipLoss": FastClipLoss, "SigLipLoss": FastSigLipLoss, "CoCaLoss": FastCoCaLoss,
+                 "DistillClipLoss": FastDistillClipLoss}
 
 
 def _with_backend(cls: type, backend: str) -> type:
@@ -69,7 +75,8 @@ def _with_backend(cls: type, backend: str) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 
 
-def patch(backend: str = "auto", losses=("ClipLoss", "SigLipLoss", "CoCaLoss")) -> Dict[str, type]:
+def patch(backend: str = "auto", losses=("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss")
+          ) -> Dict[str, type]:
     """Replace the named open_clip loss classes in every loaded module that binds them; returns what was bound.
 
     Call it before the trainer builds its loss. Calling it twice is harmless; :func:`unpatch` undoes it.

@@ -7,3 +7,4 @@ register("infonce", "dense")(infonce_dense)
 register("ce_rows", "reference")(ce_rows_reference)
 
 from . import function  # noqa: E402,F401  (custom op; registers "triton" when triton imports)
+from . import distill  # noqa: E402,F401  (DistillClipLoss: teacher-weighted keys on lse_pair)
