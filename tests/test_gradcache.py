@@ -371,3 +371,67 @@ def test_transformers_tiny_models(kind):
     want = _grads(model)
     assert rel_err(loss, out.loss) <= 1e-5
     _assert_same(got, want)
+
+
+# ------------------------------------------------------------------------------- the recipes of the docs run
+def _doc_blocks():
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "integrations.md")).read()
+    section = text.split("## Gradient caching", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.+?)```", section, re.S)
+
+
+def _tiny_open_clip():
+    from _thirdparty import import_open_clip
+
+    torch.manual_seed(0)
+    return import_open_clip().CLIP(
+        embed_dim=32, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        text_cfg={"context_length": 16, "vocab_size": 99, "width": 32, "heads": 2, "layers": 1})
+
+
+def test_docs_recipes_run_and_equal_the_full_batch():
+    from _thirdparty import missing, torchvision_shim
+
+    if missing("open_clip", "torchvision", "transformers") is not None:
+        pytest.skip(f"{missing('open_clip', 'torchvision', 'transformers')} is not installed")
+    blocks = _doc_blocks()
+    assert len(blocks) == 4, "docs/integrations.md: the Gradient caching section lost a recipe"
+    g = torch.Generator().manual_seed(5)
+    images, texts = torch.randn(20, 3, 32, 32, generator=g), torch.randint(1, 99, (20, 16), generator=g)
+
+    def run(code, model, **data):
+        ns = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), **data)
+        exec(compile(code, "docs/integrations.md", "exec"), ns)
+        assert bool(ns["loss"].isfinite()), ns["loss"]
+        return _grads(model)
+
+    model = _tiny_open_clip()
+    got = run(blocks[0], model, images=images, texts=texts)
+    model.zero_grad()
+    img, txt, scale = model(images, texts)
+    fc.ClipLoss()(img, txt, scale).backward()
+    _assert_same(got, _grads(model))
+
+    with tempfile.TemporaryDirectory() as d:  # the DDP + autocast recipe in a one-rank group
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'init')}", rank=0, world_size=1)
+        try:
+            got = run(blocks[1], _tiny_open_clip(), images=images, texts=texts, rank=0, world_size=1)
+            assert "logit_scale" in got and all(bool(v.isfinite().all()) for v in got.values())
+        finally:
+            dist.destroy_process_group()
+
+    torchvision_shim()
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from hf_trainer_clip import tiny_model
+
+    ids = torch.randint(3, 99, (20, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 7:] = 0
+    for code, kind, extra in ((blocks[2], "clip", dict(attention_mask=mask)), (blocks[3], "siglip", {})):
+        model = tiny_model(kind, seed=0)
+        got = run(code, model, pixel_values=images[:, :, :30, :30], input_ids=ids, **extra)
+        model.zero_grad()
+        model(pixel_values=images[:, :, :30, :30], input_ids=ids, return_loss=True, **extra).loss.backward()
+        _assert_same(got, _grads(model))
