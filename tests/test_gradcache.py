@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastcontrast as fc
+from conftest import requires_cuda
 from fastcontrast.validate import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,6 +134,44 @@ def test_dropout_is_replayed_from_the_first_pass(loss_name):
     assert rel_err(other["img.0.weight"], want["img.0.weight"]) > 1e-2
 
 
+@requires_cuda
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_dropout_is_replayed_on_cuda(loss_name):
+    """The CUDA generator's state is kept and restored too (dropout masks on the GPU come from it)."""
+    model = TwoTower(p=0.3).cuda().train()
+    x, t = _batch(20, seed=1)
+    x, t = x.cuda(), {k: v.cuda() for k, v in t.items()}
+    torch.manual_seed(7)
+    want_loss, want = _plain_step(model, x, t, loss_name, chunk=6)
+    after_plain = torch.cuda.get_rng_state()
+    torch.manual_seed(7)
+    loss, got = _gc_step(model, x, t, loss_name, chunk=6)
+    assert torch.equal(torch.cuda.get_rng_state(), after_plain)
+    assert rel_err(loss, want_loss) <= 1e-5
+    _assert_same(got, want, tol=1e-4)  # TF32 matmuls may be on; the masks are what this test is about
+    torch.manual_seed(8)
+    _, other = _plain_step(model, x, t, loss_name, chunk=6)
+    assert rel_err(other["img.0.weight"], want["img.0.weight"]) > 1e-2
+
+
+def test_chunk_size_per_tower_and_one_encoder_twice():
+    model = TwoTower(p=0.0)
+    x, t = _batch(17, seed=4)
+    want_loss, want = _plain_step(model, x, t, "clip")
+    loss, got = _gc_step(model, x, t, "clip", chunk=[4, 7])
+    assert rel_err(loss, want_loss) <= 1e-6
+    _assert_same(got, want)
+    # two views of the images through one encoder (SimCLR-style): the gradients of both views add up
+    x2 = x + 0.1
+    model.zero_grad()
+    fc.ClipLoss(normalize=True)(model.encode_image(x), model.encode_image(x2), model.logit_scale.exp()).backward()
+    want = _grads(model)
+    model.zero_grad()
+    fc.GradCache([model.encode_image, model.encode_image], fc.ClipLoss(normalize=True), 5)(
+        x, x2, model.logit_scale.exp())
+    _assert_same(_grads(model), want)
+
+
 def test_replay_mismatch_is_caught_in_debug_mode():
     model = TwoTower(p=0.0)
     x, t = _batch(8)
@@ -221,6 +260,19 @@ def test_bad_arguments():
 N_LOCAL, CHUNK = 8, 3
 
 
+class Tower(nn.Module):
+    """One tower of a TwoTower, as its own module (for one DDP module per tower)."""
+
+    def __init__(self, model, which):
+        super().__init__()
+        self.which = which
+        self.parts = nn.ModuleList([model.img] if which == "image" else [model.emb, model.txt])
+        self.encode = model.encode_image if which == "image" else model.encode_text
+
+    def forward(self, *a, **kw):
+        return self.encode(*a, **kw)
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     os.environ.pop("TRITON_INTERPRET", None)  # children use the PyTorch paths: fast enough for the CPU
     torch.set_num_threads(1)
@@ -255,6 +307,26 @@ def _ddp_worker(rank, world, init_file, out_dir):
             gc = fc.GradCache([lambda x: ddp(x=x), lambda ids, mask: ddp(ids=ids, mask=mask)], loss, CHUNK, ddp=ddp)
             value = gc(x, t, model.logit_scale.exp())
             result[mode] = dict(loss=value, grads=_grads(model), calls=len(calls), plain_calls=plain_calls)
+
+        # one DDP module per tower (no find_unused_parameters): each is all-reduced once, by its own last replay.
+        # logit_scale lives outside both, so the loss is the global one on every rank (gather with grad)
+        torch.manual_seed(0)
+        model = TwoTower(p=0.0)
+        towers = [DDP(Tower(model, "image")), DDP(Tower(model, "text"))]
+        counts = [[], []]
+        for k, m in enumerate(towers):
+            m.register_comm_hook(dist.group.WORLD, lambda state, bucket, k=k: (
+                counts[k].append(1), default_hooks.allreduce_hook(state, bucket))[1])
+        loss = fc.ClipLoss(gather_with_grad=True, rank=rank, world_size=world, normalize=True)
+        loss(towers[0](x), towers[1](**t), model.logit_scale.exp()).backward()
+        plain_calls = [len(c) for c in counts]
+        for c in counts:
+            c.clear()
+        model.zero_grad(set_to_none=True)
+        gc = fc.GradCache(towers, loss, CHUNK)  # the encoders are the DDP modules: found by themselves
+        value = gc(x, t, model.logit_scale.exp())
+        result["per_tower"] = dict(loss=value, grads=_grads(model), calls=[len(c) for c in counts],
+                                   plain_calls=plain_calls)
         torch.save(result, os.path.join(out_dir, f"r{rank}.pt"))
     finally:
         dist.barrier()  # no rank tears down gloo while a peer's send is still in flight
@@ -284,6 +356,11 @@ def test_ddp_two_ranks_equals_one_process_on_the_global_batch():
             assert res["plain_calls"] >= 1 and res["calls"] == res["plain_calls"], (mode, r, res)
         if mode == "local":  # each rank's local loss; their mean is the global loss
             assert rel_err(sum(res[mode]["loss"] for res in results) / world, want_loss) <= 1e-5
+    for r, res in enumerate(results):
+        res = res["per_tower"]
+        assert rel_err(res["loss"], want_loss) <= 1e-5, r
+        _assert_same(res["grads"], want)
+        assert min(res["plain_calls"]) >= 1 and res["calls"] == res["plain_calls"], (r, res)
 
 
 def test_shared_ddp_module_needs_find_unused_parameters():
