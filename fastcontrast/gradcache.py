@@ -114,7 +114,8 @@ class GradCache:
     encoders: one callable per tower, ``E_t(chunk) -> (n, ...)`` features; a dict input is passed as keywords,
         ``E_t(**chunk)`` (so ``model.get_text_features`` takes ``{"input_ids", "attention_mask"}`` as is). A
         ``transformers`` ModelOutput result is read through its ``pooler_output``. The same callable may appear
-        twice (two views through one encoder).
+        twice (two views through one encoder). Towers may hold different batch sizes (hard negatives, say):
+        the loss decides whether that is valid (``ClipLoss`` pairs i <-> i and says so).
     loss_fn: ``loss_fn(f_1 (N_1, ...), ..., f_T (N_T, ...), *loss_args, **loss_kwargs)`` -> a scalar tensor, or
         a dict of scalars (open_clip's ``output_dict=True``) whose sum is back-propagated. Any fastcontrast loss
         (``ClipLoss``, ``SigLipLoss``, ``clip_loss``, their distributed modes) or any callable. Learnable

@@ -161,6 +161,16 @@ def test_chunk_size_per_tower_and_one_encoder_twice():
     loss, got = _gc_step(model, x, t, "clip", chunk=[4, 7])
     assert rel_err(loss, want_loss) <= 1e-6
     _assert_same(got, want)
+    # towers of different batch sizes, when the loss allows it: 17 images, 12 texts, ids give the positives
+    img_ids, txt_ids = torch.arange(17) % 12, torch.arange(12)
+    t12 = {k: v[:12] for k, v in t.items()}
+    uni = lambda a, b, s: fc.clip_loss(a, b, s, normalize=True, image_ids=img_ids, text_ids=txt_ids)  # noqa: E731
+    model.zero_grad()
+    uni(model.encode_image(x), model.encode_text(**t12), model.logit_scale.exp()).backward()
+    want = _grads(model)
+    model.zero_grad()
+    fc.GradCache([model.encode_image, model.encode_text], uni, [4, 5])(x, t12, model.logit_scale.exp())
+    _assert_same(_grads(model), want)
     # two views of the images through one encoder (SimCLR-style): the gradients of both views add up
     x2 = x + 0.1
     model.zero_grad()
