@@ -14,6 +14,7 @@ from . import ops  # noqa: F401  (registers implementations)
 from ._amp import autocast_aware
 from .dispatch import resolve
 from .ops.adaptive.reference import cosine_schedule, density_to_temperature
+from .ops import multipos as _multipos
 from .ops.codebook.reference import teacher_scores
 
 Scalar = Union[float, torch.Tensor]
@@ -31,9 +32,19 @@ def _check_image_text(image_features, text_features):
     V.check_pair("image_features", image_features, "text_features", text_features)
 
 
-def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend):
-    _, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0])
+def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend, ids=None):
+    name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0])
+    if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (ops/multipos.py)
+        return _multipos.infonce_ids(name, x, y, row_scale, col_scale, bias, ids[0], ids[1], normalize, tokens)
     return impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens)
+
+
+def _ids_or_labels(image_ids, text_ids, labels, n, m, like):
+    """(ids or None, labels): group ids replace labels; without them, labels as before."""
+    ids = _multipos.check_ids(image_ids, text_ids, n, m, like, labels)
+    if ids[0] is not None:
+        return ids, None
+    return None, V.check_labels(labels, n, m, like, diagonal_as_none=True)
 
 
 @autocast_aware("image_features", "text_features")
@@ -45,20 +56,26 @@ def clip_loss(
     labels: Optional[torch.Tensor] = None,
     normalize: bool = False,
     backend: str = "auto",
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: ½[CE(s·XYᵀ + b, p) + CE(s·YXᵀ + b, p⁻¹)].
 
     image_features (N, D), text_features (M, D); logit_scale s is the multiplier (open_clip passes
     ``logit_scale.exp()``); labels (N,) give each image's positive text (default: the diagonal, N == M).
     ``normalize=True`` L2-normalises the features inside, gradient included. Returns a 0-d float32 loss.
+    ``image_ids`` (N,), ``text_ids`` (M,) (instead of labels): every pair with equal ids is a positive, each row's
+    target uniform over its positives, both directions (UniCL): ½[mean_i CE_i + mean_j CE_j]; a row with no
+    positive contributes 0. With unique ids (one text per image) it is the loss above.
     """
     _check_image_text(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = _bias(logit_bias, image_features)
-    labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
+    ids, labels = _ids_or_labels(image_ids, text_ids, labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1, backend)
+    return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1,
+                    backend, ids)
 
 
 @autocast_aware("image_features", "text_features")
@@ -111,6 +128,8 @@ def oblique_clip_loss(
     logit_bias: Optional[Scalar] = None,
     labels: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """InfoNCE on the oblique-manifold similarity S_ij = Σ_k ⟨x̂_ik, ŷ_jk⟩ ∈ [−K, K] (Sun).
 
@@ -118,7 +137,7 @@ def oblique_clip_loss(
     paper's release (minogame/clip-mtob) uses K = 16 tokens of d = D/K = 32 (the width of one 512-d token) and
     applies no temperature: the range [−K, K] comes from K, so ``logit_scale=1`` (the default) is the paper's
     setup. CLIP's 1/0.07 is not: with K = 16 it stretches the logits to ±229. A tensor scale is learnable (an
-    extension).
+    extension). ``image_ids``/``text_ids``: groups of positives, as in :func:`clip_loss`.
     """
     V.check_features("image_tokens", image_tokens, 3)
     V.check_features("text_tokens", text_tokens, 3)
@@ -127,12 +146,12 @@ def oblique_clip_loss(
     m = text_tokens.shape[0]
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_tokens)
     bias = _bias(logit_bias, image_tokens)
-    labels = V.check_labels(labels, n, m, image_tokens, diagonal_as_none=True)
+    ids, labels = _ids_or_labels(image_ids, text_ids, labels, n, m, image_tokens)
     V.check_finite(image_tokens=image_tokens, text_tokens=text_tokens)
     # Flattening is a view; per-token normalisation happens inside the op (tokens=K).
     return _infonce(
         image_tokens.reshape(n, k * d), text_tokens.reshape(m, k * d), scale.expand(n), scale.expand(m),
-        bias, labels, True, k, backend,
+        bias, labels, True, k, backend, ids,
     )
 
 
@@ -154,12 +173,15 @@ def adaptive_temperature_clip_loss(
     logit_bias: Optional[Scalar] = None,
     normalize: bool = False,
     backend: str = "auto",
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """InfoNCE with a temperature per sample: row i of image→text uses ⟨x_i,y_j⟩/τ_i, row j of text→image
     (column j of S) uses ⟨x_i,y_j⟩/τ'_j; ½(CE + CE).
 
     tau_image: scalar or (N,); tau_text: scalar or (M,), default ``tau_image``: one τ per pair for both
     directions, which is MM-TS (τ from :func:`mmts_temperature`). Tensors that require grad get dτ.
+    ``image_ids``/``text_ids``: groups of positives, as in :func:`clip_loss`.
     """
     _check_image_text(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
@@ -171,9 +193,10 @@ def adaptive_temperature_clip_loss(
     t_img = _temperature("tau_image", tau_image, n, image_features)
     t_txt = _temperature("tau_text", tau_text, m, image_features)
     bias = _bias(logit_bias, image_features)
-    labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
+    ids, labels = _ids_or_labels(image_ids, text_ids, labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    return _infonce(image_features, text_features, 1.0 / t_img, 1.0 / t_txt, bias, labels, normalize, 1, backend)
+    return _infonce(image_features, text_features, 1.0 / t_img, 1.0 / t_txt, bias, labels, normalize, 1, backend,
+                    ids)
 
 
 @autocast_aware("image_features", "text_features")

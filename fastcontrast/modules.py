@@ -43,9 +43,19 @@ class ClipLoss(nn.Module):
         self.backend, self.normalize, self.mode = backend, normalize, mode
         self._checked_batch = None
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False,
+                image_ids=None, text_ids=None):
         # Pair i <-> i, as open_clip. cache_labels is accepted for signature compatibility: the diagonal is
-        # implicit in the fused ops, so there is nothing to cache.
+        # implicit in the fused ops, so there is nothing to cache. image_ids/text_ids (this package's): pairs with
+        # equal ids are positives (fastcontrast.clip_loss), gathered with the features under torch.distributed.
+        if image_ids is not None or text_ids is not None:
+            if self.world_size > 1:
+                loss = self._distributed_ids(image_features, text_features, logit_scale, logit_bias, image_ids,
+                                             text_ids)
+            else:
+                loss = Fn.clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize,
+                                    backend=self.backend, image_ids=image_ids, text_ids=text_ids)
+            return {"contrastive_loss": loss} if output_dict else loss
         if isinstance(image_features, torch.Tensor) and isinstance(text_features, torch.Tensor) \
                 and image_features.dim() >= 1 and text_features.dim() >= 1 \
                 and text_features.shape[0] != image_features.shape[0]:
@@ -85,6 +95,38 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             per_image, per_text = per_image + logit_bias, per_text + logit_bias
         return per_image, per_text
+
+    def _distributed_ids(self, image_features, text_features, logit_scale, logit_bias, image_ids, text_ids):
+        """Group ids gathered with the features: positives are found across ranks (local_loss: this rank's rows
+        against every rank's keys, each direction's mean over the local rows; the ranks' mean is the global loss
+        when local batches are equal)."""
+        from . import distributed as D
+        from .dispatch import resolve
+        from .ops import multipos as MP
+
+        if self.mode == "ring":
+            raise ValueError("image_ids/text_ids are not supported with mode='ring' (the ring passes no ids); "
+                             "use mode='gather'")
+        n, m = image_features.shape[0], text_features.shape[0]
+        image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
+        if self.normalize:
+            image_features = torch.nn.functional.normalize(image_features, dim=-1)
+            text_features = torch.nn.functional.normalize(text_features, dim=-1)
+        if self.gather_with_grad:
+            all_img, all_txt = D.all_gather_with_grad(image_features), D.all_gather_with_grad(text_features)
+        else:  # the local slice stays differentiable (open_clip's gather)
+            all_img, all_txt = D.gather_features(image_features, text_features, self.local_loss, False)
+        with torch.no_grad():
+            all_iid, all_tid = D.all_gather_with_grad(image_ids), D.all_gather_with_grad(text_ids)
+        if not self.local_loss:
+            return Fn.clip_loss(all_img, all_txt, logit_scale, logit_bias, backend=self.backend, image_ids=all_iid,
+                                text_ids=all_tid)
+        scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
+        bias = None if logit_bias is None else V.as_scalar_tensor("logit_bias", logit_bias, image_features,
+                                                                  positive=False)
+        name, _ = resolve("ce_rows", self.backend, image_features.device, n * all_txt.shape[0])
+        return 0.5 * (MP.ce_rows_ids(name, image_features, all_txt, scale, bias, image_ids, all_tid)
+                      + MP.ce_rows_ids(name, text_features, all_img, scale, bias, text_ids, all_iid))
 
     def _distributed(self, image_features, text_features, logit_scale, logit_bias):
         from . import distributed as D
@@ -155,9 +197,10 @@ class ObliqueClipLoss(nn.Module):
         else:
             self.register_buffer("log_scale", torch.tensor(float(logit_scale)).log())
 
-    def forward(self, image_tokens, text_tokens, labels=None, output_dict: bool = False):
+    def forward(self, image_tokens, text_tokens, labels=None, output_dict: bool = False, image_ids=None,
+                text_ids=None):
         loss = Fn.oblique_clip_loss(image_tokens, text_tokens, self.log_scale.exp(), labels=labels,
-                                    backend=self.backend)
+                                    backend=self.backend, image_ids=image_ids, text_ids=text_ids)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -48,5 +48,8 @@ def test_cliploss_signature_matches_open_clip():
     ours = inspect.signature(fc.ClipLoss.__init__).parameters
     theirs = inspect.signature(oc.ClipLoss.__init__).parameters
     assert list(theirs)[: len(theirs)] == list(ours)[: len(theirs)]
-    assert list(inspect.signature(oc.ClipLoss.forward).parameters) == list(
-        inspect.signature(fc.ClipLoss.forward).parameters)
+    theirs_fwd = list(inspect.signature(oc.ClipLoss.forward).parameters)
+    ours_fwd = inspect.signature(fc.ClipLoss.forward).parameters
+    assert list(ours_fwd)[: len(theirs_fwd)] == theirs_fwd
+    # this package's additions (group ids) come after open_clip's parameters and have defaults
+    assert all(p.default is None for p in list(ours_fwd.values())[len(theirs_fwd):])

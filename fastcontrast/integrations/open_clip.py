@@ -5,8 +5,9 @@
 
 ``patch`` replaces open_clip's ``ClipLoss``, ``SigLipLoss``, ``CoCaLoss`` and ``DistillClipLoss`` with subclasses
 of fastcontrast's fused losses (same constructors, same ``forward``), *everywhere the originals are bound*:
-``open_clip.loss``, the ``open_clip`` package, ``open_clip.factory`` (whose ``create_loss`` uses its own ``from .loss import ...``
-binding) and any other loaded module that imported them by name. ``unpatch`` puts every binding back.
+``open_clip.loss``, the ``open_clip`` package, ``open_clip.factory`` (whose ``create_loss`` uses its own
+``from .loss import ...`` binding) and any other loaded module that imported them by name. ``unpatch`` puts
+every binding back.
 
 ``DistillClipLoss`` (``--distill``) needs no N×N logits either: per row its soft-target term is
 lse_i − s·⟨x_i, Σ_j P^T_ij y_j⟩, the teacher-softmax-weighted sum of the student's keys computed in row blocks
