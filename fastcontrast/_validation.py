@@ -186,15 +186,16 @@ def check_positive_float(name: str, v, allow_zero: bool = False) -> float:
 
 
 def check_cluster_sizes(name: str, t) -> torch.Tensor:
-    """Each sample's dataset-wide cluster size: an integer tensor (N,) (positivity checked in debug mode)."""
+    """Each sample's dataset-wide cluster size: a real tensor (N,), integer or float (the official MM-TS loop passes
+    ``.float()`` counts, main_lavila_finetune_mir.py:761); positivity checked in debug mode."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor of shape (N,), got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold positive integers (cluster sizes), got dtype {t.dtype}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N,) (cluster sizes), got {type(t).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold positive numbers (cluster sizes, integer or float), got dtype {t.dtype}")
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{name} must have shape (N,) with N >= 1, got {tuple(t.shape)}")
     if _check_values() and not bool((t > 0).all()):
-        raise ValueError(f"{name} must hold positive integers (cluster sizes), got a value <= 0")
+        raise ValueError(f"{name} must hold positive numbers (cluster sizes), got a value <= 0")
     return t
 
 
