@@ -87,19 +87,37 @@ def siglip_loss(
     labels: Optional[torch.Tensor] = None,
     negative_only: bool = False,
     backend: str = "auto",
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    weighting: str = "none",
 ) -> torch.Tensor:
     """SigLIP's sigmoid loss: −(1/N) Σ_ij log σ(z_ij (s⟨x_i, y_j⟩ + b)), z = +1 at (i, labels_i) and −1 elsewhere.
 
     image_features (N, D), text_features (M, D); labels default to the diagonal; ``negative_only`` makes every
     pair a negative (open_clip's term for another rank's texts). Matches ``open_clip.loss.SigLipLoss``.
+    ``image_ids`` (N,), ``text_ids`` (M,) (instead of labels): every pair with equal ids is a positive (z = +1);
+    ``weighting="inverse_count"`` weighs each positive's term by ½(1/k_i + 1/k'_j), k the positives of its row and
+    column (siglip-kernel's SigLIP+), still summed over pairs / N. With unique ids it is the loss above.
     """
     _check_image_text(image_features, text_features)
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = _bias(logit_bias, image_features)
     n, m = image_features.shape[0], text_features.shape[0]
-    labels = None if negative_only else V.check_labels(labels, n, m, image_features)
+    if weighting not in ("none", "inverse_count"):
+        raise ValueError(f"weighting must be 'none' or 'inverse_count' (SigLIP+), got {weighting!r}")
+    ids = _multipos.check_ids(image_ids, text_ids, n, m, image_features, labels)
+    if ids[0] is not None and negative_only:
+        raise ValueError("negative_only makes every pair a negative: it cannot be combined with image_ids/text_ids")
+    if ids[0] is None and weighting != "none":
+        raise ValueError("weighting='inverse_count' needs image_ids and text_ids (the groups of positives)")
+    labels = None if negative_only or ids[0] is not None else V.check_labels(labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    _, impl = resolve("siglip", backend, image_features.device, n * m)
+    name, impl = resolve("siglip", backend, image_features.device, n * m)
+    if ids[0] is not None:
+        if name == "reference":
+            return _multipos.siglip_ids_reference(image_features, text_features, scale, bias, ids[0], ids[1],
+                                                  weighting)
+        return _multipos.siglip_ids(impl, image_features, text_features, scale, bias, ids[0], ids[1], weighting)
     return impl(image_features, text_features, scale, bias, labels, bool(negative_only))
 
 

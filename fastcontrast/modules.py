@@ -165,7 +165,34 @@ class SigLipLoss(nn.Module):
         self.dist_impl, self.backend = dist_impl or "bidir", backend
         self._checked_batch = None
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False,
+                image_ids=None, text_ids=None, weighting: str = "none"):
+        if image_ids is not None or text_ids is not None:
+            # this package's groups of positives (fastcontrast.siglip_loss); across ranks the text ids travel
+            # with the gathered texts, so positives on other ranks are found
+            if self.world_size > 1:
+                from . import distributed as D
+                from .ops import multipos as MP
+
+                n, m = image_features.shape[0], text_features.shape[0]
+                image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
+                text_features = D.all_gather_with_grad(text_features)
+                with torch.no_grad():
+                    text_ids = D.all_gather_with_grad(text_ids)
+                if weighting == "inverse_count":  # k'_j counts every rank's images: their ids are gathered too
+                    from .dispatch import resolve
+
+                    with torch.no_grad():
+                        all_image_ids = D.all_gather_with_grad(image_ids)
+                    _, impl = resolve("siglip", self.backend, image_features.device, n * text_features.shape[0])
+                    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
+                    bias = V.as_scalar_tensor("logit_bias", logit_bias, image_features, positive=False)
+                    loss = MP.siglip_ids(impl, image_features, text_features, scale, bias, image_ids, text_ids,
+                                         weighting, count_image_ids=all_image_ids)
+                    return {"contrastive_loss": loss} if output_dict else loss
+            loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
+                                  image_ids=image_ids, text_ids=text_ids, weighting=weighting)
+            return {"contrastive_loss": loss} if output_dict else loss
         if self.world_size > 1:
             from . import distributed as D
 

@@ -26,8 +26,8 @@ from torch import Tensor
 from . import _tiles as T
 
 
-def group_means(query_ids: Tensor, key_ids: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
-    """(mean (Nq, D), has (Nq,) bool): for each query, the mean of the keys whose id equals its id (0 where none).
+def group_sums(query_ids: Tensor, key_ids: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
+    """(sums (Nq, D), counts (Nq,)): for each query, the sum and number of the keys whose id equals its id.
 
     query_ids (Nq,), key_ids (M,) integers; keys (M, D), differentiable. O((Nq + M)·D), no host sync."""
     m = key_ids.shape[0]
@@ -36,9 +36,14 @@ def group_means(query_ids: Tensor, key_ids: Tensor, keys: Tensor) -> Tuple[Tenso
     sums = keys.new_zeros(m, keys.shape[1]).index_add(0, group, keys)
     counts = keys.new_zeros(m).index_add(0, group, torch.ones_like(keys[:, 0]))
     slot = torch.searchsorted(sorted_ids, query_ids).clamp_max(m - 1)
-    has = sorted_ids[slot] == query_ids
-    scale = torch.where(has, 1.0 / counts[slot].clamp_min(1), torch.zeros_like(counts[slot]))
-    return sums[slot] * scale[:, None], has
+    has = (sorted_ids[slot] == query_ids).to(keys.dtype)
+    return sums[slot] * has[:, None], counts[slot] * has
+
+
+def group_means(query_ids: Tensor, key_ids: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean (Nq, D), has (Nq,) bool): for each query, the mean of the keys whose id equals its id (0 where none)."""
+    sums, counts = group_sums(query_ids, key_ids, keys)
+    return sums / counts.clamp_min(1)[:, None], counts > 0
 
 
 def _hat(t: Tensor, normalize: bool, tokens: int) -> Tensor:
@@ -132,3 +137,91 @@ def check_ids(image_ids, text_ids, n: int, m: int, like: Tensor, labels=None):
             raise ValueError(f"{name} is on {ids.device} but the features are on {like.device}")
         out.append(ids.long())
     return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------------ SigLIP
+# −log σ(z·u) is softplus(u) for a negative and softplus(u) − u for a positive, u = s·S + b, so
+#     Σ_neg softplus(u) + Σ_pos w·(softplus(u) − u) = Σ_all softplus(u) + Σ_pos [(w − 1)·softplus(u) − w·u]:
+# the all-pairs term is the siglip op with negative_only=True; w = 1 ("none") leaves a linear correction (group
+# sums); SigLIP+'s w_ij = ½(1/k_i + 1/k'_j) ("inverse_count") adds a non-linear term over the positive pairs,
+# computed here in row blocks with the ids' mask made per block (never N×M), recomputed in backward.
+
+
+class _PositiveSoftplus(torch.autograd.Function):
+    """Σ_{pairs with equal ids} (w_ij − 1)·softplus(s⟨x_i, y_j⟩ + b), w_ij = ½(r_i + c_j); gradients to x, y, s, b."""
+
+    @staticmethod
+    def forward(ctx, x, y, s, b, iid, tid, r, c):
+        acc = T.acc_dtype(x)
+        xa, ya = x.to(acc), y.to(acc)
+        total = torch.zeros((), dtype=acc, device=x.device)
+        step = T.rows_per_block(x.shape[0], y.shape[0], torch.finfo(acc).bits // 8)
+        for i0 in range(0, x.shape[0], step):
+            sl = slice(i0, i0 + step)
+            u = s * (xa[sl] @ ya.T) + b
+            coef = torch.where(iid[sl, None] == tid[None, :], 0.5 * (r[sl, None] + c[None, :]) - 1, 0.0)
+            total = total + (coef * F.softplus(u)).sum()
+        ctx.save_for_backward(x, y, s, b, iid, tid, r, c)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, s, b, iid, tid, r, c = ctx.saved_tensors
+        acc = T.acc_dtype(x)
+        xa, ya = x.to(acc), y.to(acc)
+        dx, dy = torch.empty_like(xa), torch.zeros_like(ya)
+        ds, db = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
+        step = T.rows_per_block(x.shape[0], y.shape[0], torch.finfo(acc).bits // 8)
+        for i0 in range(0, x.shape[0], step):
+            sl = slice(i0, i0 + step)
+            sim = xa[sl] @ ya.T
+            coef = torch.where(iid[sl, None] == tid[None, :], 0.5 * (r[sl, None] + c[None, :]) - 1, 0.0)
+            gu = g * coef * torch.sigmoid(s * sim + b)  # d/du of the block's sum
+            dx[sl] = s * (gu @ ya)
+            dy += s * (gu.T @ xa[sl])
+            ds += (gu * sim).sum()
+            db += gu.sum()
+        return dx.to(x.dtype), dy.to(y.dtype), ds.to(s.dtype), db.to(b.dtype), None, None, None, None
+
+
+def siglip_ids(impl, x: Tensor, y: Tensor, scale: Tensor, bias, image_ids: Tensor, text_ids: Tensor,
+               weighting: str, count_image_ids=None) -> Tensor:
+    """(1/N)[Σ_neg softplus(u_ij) + Σ_pos w_ij·softplus(−u_ij)], u = s⟨x_i, y_j⟩ + b, positives where ids are
+    equal; w = 1 ("none") or ½(1/k_i + 1/k'_j) ("inverse_count", SigLIP+). ``impl``: the backend's siglip op.
+    ``count_image_ids``: the ids whose images k'_j counts (every rank's, when x holds one rank's rows)."""
+    acc = T.acc_dtype(x)
+    n = x.shape[0]
+    s = scale.to(acc)
+    b = torch.zeros((), device=x.device, dtype=acc) if bias is None else bias.to(acc)
+    every = impl(x, y, scale, bias, None, True)  # (1/N) Σ_all softplus(u): the op, every pair a negative
+    xa, ya = x.to(acc), y.to(acc)
+    y_sum, k_row = group_sums(image_ids, text_ids, ya)  # Σ_{j∈P(i)} y_j, k_i
+    if weighting == "none":
+        return every - (s * (xa * y_sum).sum() + b * k_row.sum()) / n
+    x_sum, k_col = group_sums(text_ids, image_ids, xa)
+    if count_image_ids is not None:
+        _, k_col_all = group_sums(text_ids, count_image_ids, torch.ones_like(count_image_ids, dtype=acc)[:, None])
+    else:
+        k_col_all = k_col
+    r, c = 1.0 / k_row.clamp_min(1), 1.0 / k_col_all.clamp_min(1)
+    linear = 0.5 * ((r * (s * (xa * y_sum).sum(dim=1) + b * k_row)).sum()
+                    + (c * (s * (ya * x_sum).sum(dim=1) + b * k_col)).sum())
+    nonlinear = _PositiveSoftplus.apply(x, y, s, b, image_ids, text_ids, r.detach(), c.detach())
+    return every + (nonlinear - linear) / n
+
+
+def siglip_ids_reference(x, y, scale, bias, image_ids, text_ids, weighting="none"):
+    """Materialised: −(1/N) Σ_ij v_ij log σ(z_ij u_ij), z = +1 where ids are equal, v = 1 on negatives and w on
+    positives (w = 1, or ½(1/k_i + 1/k'_j) with k the row/column positive counts)."""
+    acc = T.acc_dtype(x)
+    u = scale.to(acc) * (x.to(acc) @ y.to(acc).T)
+    if bias is not None:
+        u = u + bias.to(acc)
+    pos = image_ids[:, None] == text_ids[None, :]
+    z = torch.where(pos, 1.0, -1.0).to(acc)
+    v = torch.ones_like(u)
+    if weighting == "inverse_count":
+        k_r = pos.sum(dim=1, keepdim=True).clamp_min(1).to(acc)
+        k_c = pos.sum(dim=0, keepdim=True).clamp_min(1).to(acc)
+        v = torch.where(pos, 0.5 * (1 / k_r + 1 / k_c), v)
+    return -(v * F.logsigmoid(z * u)).sum() / x.shape[0]
