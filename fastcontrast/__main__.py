@@ -17,9 +17,9 @@ def main(argv=None) -> int:
     v.add_argument("--seeds", type=int, default=3, help="number of random seeds per case (default 3)")
     sub.add_parser("backends", help="list backends and why any is unavailable")
     b = sub.add_parser("bench", help="time and memory of the fused loss against its baselines, in one run")
-    b.add_argument("--ops", default="clip,siglip,oblique,mmts,mmts_margin,codebook,momentum",
+    b.add_argument("--ops", default="clip,siglip,oblique,mmts,mmts_margin,codebook,momentum,clip_multipos,distill",
                    help="comma-separated ops (default: all of clip, siglip, oblique, mmts, mmts_margin, codebook, "
-                   "momentum)")
+                   "momentum, clip_multipos, distill)")
     b.add_argument("--sizes", default=None, help="comma-separated batch sizes (default: 512,1024,2048 on CPU; "
                    "4096,16384,65536 on CUDA)")
     b.add_argument("--dim", type=int, default=None, help="feature dim (default 256 on CPU, 768 on CUDA)")

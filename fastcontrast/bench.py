@@ -116,20 +116,23 @@ def _inf_cl():
     return lambda x, y, s: 0.5 * (cal_flash_loss(x, y, scale=s).mean() + cal_flash_loss(y, x, scale=s).mean())
 
 
-OPS = ("clip", "siglip", "oblique", "mmts", "mmts_margin", "codebook", "momentum")
+OPS = ("clip", "siglip", "oblique", "mmts", "mmts_margin", "codebook", "momentum", "clip_multipos", "distill")
 _DISPATCH_OP = {"clip": "infonce", "siglip": "siglip", "oblique": "infonce", "mmts": "infonce",
-                "mmts_margin": "max_margin", "codebook": "swapped_prediction", "momentum": "momentum_contrastive"}
+                "mmts_margin": "max_margin", "codebook": "swapped_prediction", "momentum": "momentum_contrastive",
+                "clip_multipos": "infonce", "distill": "distill"}
 
 # What each implementation name in the tables means.
 LEGEND = {
     "fastcontrast[triton]": "fused Triton kernels (tiled, never N×N; the default on CUDA)",
     "fastcontrast[cuda]": "fused CUDA kernels of csrc/ (backend='cuda')",
     "fastcontrast[cpu]": "fused C++ CPU kernels of csrc/ (BLAS row blocks; the default on CPU when built)",
+    "fastcontrast[dense]": "the materialised path (backend='dense': one GEMM, N×N statistics; auto's pick when small)",
     "fastcontrast[torch-tiles]": "the same tiling in plain PyTorch blocks: what runs without the C++ extension",
     "reference (eager)": "fastcontrast's readable reference: materialises the N×N logits, eager PyTorch",
     "reference (compiled)": "the same reference under torch.compile (fused by Inductor, still N×N)",
     "open_clip ClipLoss": "open_clip.loss.ClipLoss (materialised logits)",
     "open_clip SigLipLoss": "open_clip.loss.SigLipLoss (materialised logits)",
+    "open_clip DistillClipLoss": "open_clip.loss.DistillClipLoss (student and teacher logits materialised)",
     "Inf-CL (flash, 2 calls)": "Inf-CL's cal_flash_loss, once per direction (it is one-directional)",
 }
 
@@ -168,6 +171,14 @@ def make_inputs(op: str, n: int, d: int, dev: torch.device, dtype: torch.dtype) 
         out.update({k: feat(n, d).detach() for k in ("teacher_image_features", "teacher_text_features")})
         out["codebook"] = feat(_codes(n), d)
         return out
+    if op == "clip_multipos":  # group ids: about 5 captions per image id (COCO-like), shared by both sides
+        ids = torch.randint(0, max(1, n // 5), (n,), generator=g).to(dev)
+        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(14.3),
+                "image_ids": ids, "text_ids": ids}
+    if op == "distill":  # open_clip's --distill: student features and scale, a teacher's features and scale
+        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(14.3),
+                "teacher_image_features": feat(n, d).detach(), "teacher_text_features": feat(n, d).detach(),
+                "teacher_logit_scale": torch.tensor(100.0, device=dev)}
     if op == "momentum":  # ALBEF/CODIS instance term: N queries against N teacher keys + a queue of 4N
         return {"query": feat(n, d), "keys": feat(n, d).detach(), "teacher_query": feat(n, d).detach(),
                 "queue": feat(4 * n, d).detach(), "logit_scale": scalar(1 / 0.07)}
@@ -183,6 +194,8 @@ def loss_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
         "mmts_margin": lambda **kw: Fn.max_margin_loss(**kw, backend=backend),
         "codebook": lambda **kw: Fn.codebook_loss(**kw, tau=0.1, epsilon=0.05, n_iters=3, backend=backend),
         "momentum": lambda **kw: Fn.momentum_contrastive_loss(**kw, alpha=0.4, backend=backend),
+        "clip_multipos": lambda **kw: Fn.clip_loss(**kw, backend=backend),
+        "distill": lambda **kw: sum(Fn.distill_clip_loss(**kw, backend=backend)),  # contrastive + distill
     }[op]
 
 
@@ -194,6 +207,8 @@ def flops(op: str, n: int, d: int) -> float:
     if op == "momentum":  # student scores + the query gradient, plus the teacher's soft-target pass (2 GEMMs)
         m = 5 * n
         return 2 * n * m * d * 2 + 2 * n * m * d * 2
+    if op == "distill":  # the student's S and its two gradient GEMMs, plus the teacher's S once
+        return 8 * n * n * d
     return 6 * n * n * d
 
 
@@ -204,6 +219,8 @@ def bytes_floor(op: str, n: int, d: int, elt: int) -> float:
         return (4 * n * d + k * d + 2 * n * d + k * d) * elt
     if op == "momentum":
         return (3 * n * d + 4 * n * d + n * d) * elt
+    if op == "distill":
+        return 6 * n * d * elt
     return 4 * n * d * elt
 
 
@@ -234,6 +251,12 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
         if oc is not None:
             out["open_clip SigLipLoss"] = lambda image_features, text_features, logit_scale, logit_bias: oc(
                 image_features, text_features, logit_scale, logit_bias)
+    if op == "distill":
+        oc = _open_clip_loss("DistillClipLoss")
+        if oc is not None:
+            out["open_clip DistillClipLoss"] = lambda **kw: sum(oc(
+                kw["image_features"], kw["text_features"], kw["logit_scale"], kw["teacher_image_features"],
+                kw["teacher_text_features"], kw["teacher_logit_scale"]))
     if op == "clip":
         oc = _open_clip_loss()
         if oc is not None:

@@ -98,13 +98,15 @@ OPAQUE_IMPLS[torch.ops.fastcontrast.teacher_weighted_keys.default] = _twk_impl
 OPAQUE_IMPLS[torch.ops.fastcontrast.teacher_weighted_keys_backward.default] = _twk_backward_impl
 
 
-def _row_terms(q: Tensor, k: Tensor, s: Tensor, tq: Tensor, tk: Tensor, ts: Tensor, impl: str):
-    """(lse (N,), target (N,)) of one direction: lse_i of s·q_i kᵀ and ⟨q_i, Σ_j P^T_ij k_j⟩."""
-    acc = T.acc_dtype(q)
-    zero = torch.zeros((), device=q.device, dtype=acc)
-    lse, _ = lse_pair(q, k, s.expand(q.shape[0]), s.expand(k.shape[0]), zero, False, 1, impl)
+def _target(q: Tensor, k: Tensor, tq: Tensor, tk: Tensor, ts: Tensor) -> Tensor:
+    """⟨q_i, Σ_j P^T_ij k_j⟩ (N,), P^T = softmax_j(t·⟨tq_i, tk_j⟩)."""
     v, _ = teacher_weighted_keys(tq.detach(), tk.detach(), ts.detach(), k)
-    return lse, (q.to(acc) * v).sum(dim=1)
+    return (q.to(T.acc_dtype(q)) * v).sum(dim=1)
+
+
+def _lse_rows(q: Tensor, k: Tensor, s: Tensor, impl: str) -> Tensor:
+    zero = torch.zeros((), device=q.device, dtype=T.acc_dtype(q))
+    return lse_pair(q, k, s.expand(q.shape[0]), s.expand(k.shape[0]), zero, False, 1, impl)[0]
 
 
 def distill_fused(x: Tensor, y: Tensor, s: Tensor, tx: Tensor, ty: Tensor, ts: Tensor, labels_offset,
@@ -118,8 +120,12 @@ def distill_fused(x: Tensor, y: Tensor, s: Tensor, tx: Tensor, ty: Tensor, ts: T
     acc = T.acc_dtype(x)
     s = s.to(acc)
     ts = ts.to(acc)
-    lse_i, tgt_i = _row_terms(x, y_keys, s, tx, ty_keys, ts, impl)
-    lse_t, tgt_t = _row_terms(y, x_keys, s, ty, tx_keys, ts, impl)
+    if x_keys is x and y_keys is y:  # one batch: the image rows' column lse is the text rows' lse (one sweep)
+        zero = torch.zeros((), device=x.device, dtype=acc)
+        lse_i, lse_t = lse_pair(x, y, s.expand(x.shape[0]), s.expand(y.shape[0]), zero, False, 1, impl)
+    else:  # local rows against gathered keys (open_clip's local_loss): each direction its own row sweep
+        lse_i, lse_t = _lse_rows(x, y_keys, s, impl), _lse_rows(y, x_keys, s, impl)
+    tgt_i, tgt_t = _target(x, y_keys, tx, ty_keys, ts), _target(y, x_keys, ty, tx_keys, ts)
     n = x.shape[0]
     pos_i = (x.to(acc) * y_keys[labels_offset:labels_offset + n].to(acc)).sum(dim=1)
     pos_t = (y.to(acc) * x_keys[labels_offset:labels_offset + n].to(acc)).sum(dim=1)
