@@ -109,6 +109,10 @@ class ClipLoss(nn.Module):
                              "use mode='gather'")
         n, m = image_features.shape[0], text_features.shape[0]
         image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
+        if self._checked_batch != (n, m):  # the gathers need one local size per side on every rank
+            D.check_equal_local_batches(n)
+            D.check_equal_local_batches(m)
+            self._checked_batch = (n, m)
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
             text_features = torch.nn.functional.normalize(text_features, dim=-1)
@@ -176,6 +180,10 @@ class SigLipLoss(nn.Module):
 
                 n, m = image_features.shape[0], text_features.shape[0]
                 image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
+                if self._checked_batch != (n, m):  # the gathers need one local size per side on every rank
+                    D.check_equal_local_batches(n)
+                    D.check_equal_local_batches(m)
+                    self._checked_batch = (n, m)
                 text_features = D.all_gather_with_grad(text_features)
                 with torch.no_grad():
                     text_ids = D.all_gather_with_grad(text_ids)
