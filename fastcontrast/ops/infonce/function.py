@@ -19,6 +19,7 @@ from ..._amp import register_custom_op as register_autocast
 from ..._memtrack import OPAQUE_IMPLS
 from ...dispatch import register
 from .. import _tiles as T
+from .._configs import config as launch_config_full
 from .._configs import launch as launch_config
 from .._tiles import apply_tokens as _apply_tokens
 from .._tiles import inv_token_norms, precision as _precision, token_norm_backward, triton_ok as _triton_ok
@@ -37,18 +38,48 @@ def _triton_fwd(x, y, a, c, bias, normalize, tokens):
     inv_x = inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     inv_y = inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
+    full = launch_config_full("_lse_fwd_kernel", x.device, x.dtype)
     cfg, warps, stages = launch_config("_lse_fwd_kernel", x.device, x.dtype)
     n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    split = _column_split(n_blocks, triton.cdiv(m, cfg["BLOCK_N"]), x.device, full)
     lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
     pmax = torch.empty(n_blocks, m, device=x.device, dtype=torch.float32)
     psum = torch.empty(n_blocks, m, device=x.device, dtype=torch.float32)
-    K._lse_fwd_kernel[(n_blocks,)](
+    # the column splits' row partials (base 2), merged below; unused (1 element) with one split
+    rmax = torch.empty(split, n, device=x.device, dtype=torch.float32) if split > 1 else lse_r[:1]
+    rsum = torch.empty(split, n, device=x.device, dtype=torch.float32) if split > 1 else lse_r[:1]
+    K._lse_fwd_kernel[(n_blocks, split)](
         x, y, inv_x, inv_y, a.float().contiguous(), c.float().contiguous(), bias.float().reshape(1), lse_r, pmax,
-        psum, n, m, d, dt, ntok, x.stride(0), y.stride(0), pmax.stride(0), NORM=normalize, MULTI=ntok > 1,
-        HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), num_warps=warps, num_stages=stages, **cfg)
+        psum, rmax, rsum, n, m, d, dt, ntok, x.stride(0), y.stride(0), pmax.stride(0), NORM=normalize,
+        MULTI=ntok > 1, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), num_warps=warps,
+        num_stages=stages, **cfg)
+    if split > 1:
+        top_r = rmax.amax(dim=0)
+        lse_r = (top_r + torch.log2((rsum * torch.exp2(rmax - top_r)).sum(dim=0))) * _LN2
     top = pmax.amax(dim=0)
     lse_c = (top + torch.log2((psum * torch.exp2(pmax - top)).sum(dim=0))) * _LN2
     return lse_r, lse_c
+
+
+_INTERPRETER_SMS = 4  # the SM count the column split aims at under TRITON_INTERPRET (so tests run the split)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _column_split(n_blocks: int, col_tiles: int, device: torch.device, cfg: dict) -> int:
+    """Column splits of the forward grid: enough that n_blocks × splits fills one wave (SMs × CTAs per SM)
+    when the row blocks alone do not; each split keeps at least 2 column tiles. 1 when COL_SPLIT is off."""
+    if not cfg.get("COL_SPLIT", False):
+        return 1
+    wave = _sm_count(device) * cfg.get("CTAS", 1)
+    if n_blocks >= wave:
+        return 1
+    return max(1, min(triton.cdiv(wave, n_blocks), col_tiles // 2))
 
 
 _LN2 = 0.6931471805599453

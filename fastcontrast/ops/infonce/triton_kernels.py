@@ -28,48 +28,100 @@ from __future__ import annotations
 from .._triton_support import tl, triton
 
 if triton is not None:
-    from .._triton_tiles import LN2, LOG2E, _s_tile, _slab_tile
+    from .._triton_tiles import LN2, LOG2E, _dot, _s_tile, _slab_tile_grouped
 
     @triton.jit
-    def _lse_fwd_kernel(A, B, inv_a, inv_b, scale_a, scale_b, bias_ptr, LSE, PMAX, PSUM, Na, Nb, D, DT, K,
-                        stride_am, stride_bm, stride_p, NORM: tl.constexpr, MULTI: tl.constexpr,
+    def _lse_fwd_epilogue(s, rows, cols, row_mask, col_mask, sa, bias, m_i, l_i, scale_b, PMAX, PSUM, pid,
+                          stride_p):
+        """One finished S tile: the rows' online statistics updated, the tile's column statistics stored."""
+        z = tl.where(col_mask[None, :], s * sa[:, None] + bias, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+        sb = tl.load(scale_b + cols, mask=col_mask, other=1.0) * LOG2E
+        zc = tl.where(row_mask[:, None], s * sb[None, :] + bias, float("-inf"))
+        cm = tl.max(zc, axis=0)
+        cs = tl.sum(tl.exp2(zc - cm[None, :]), axis=0)
+        tl.store(PMAX + pid * stride_p + cols, cm, mask=col_mask)
+        tl.store(PSUM + pid * stride_p + cols, cs, mask=col_mask)
+        return m_new, l_i
+
+    @triton.jit
+    def _lse_fwd_kernel(A, B, inv_a, inv_b, scale_a, scale_b, bias_ptr, LSE, PMAX, PSUM, RMAX, RSUM, Na, Nb, D, DT,
+                        K, stride_am, stride_bm, stride_p, NORM: tl.constexpr, MULTI: tl.constexpr,
                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Rows' lse (base e) to LSE; this row block's column max and Σ2^(z − max) (base 2) to PMAX/PSUM[pid]."""
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        FLAT: tl.constexpr = False):
+        """Rows' lse (base e) to LSE; this row block's column max and Σ2^(z − max) (base 2) to PMAX/PSUM[pid].
+
+        Grid (row blocks, column splits). With one split the program walks every column tile and writes LSE;
+        with several (so that small N still fills the GPU) split s walks its share of the column tiles and
+        writes its rows' max and Σ2^(z − max) (base 2) to RMAX/RSUM[s], which the launcher merges.
+        FLAT (one K token): one loop over (column tile, K-chunk) pairs, so the copies of the next tile's first
+        K-chunks are issued while this tile's last ones multiply — the K pipeline never restarts cold at a
+        column tile, as the nested loop's does (its ttgir drains every copy and MMA group per column tile).
+        """
         pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n_split = tl.num_programs(1)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < Na
         sa = tl.load(scale_a + rows, mask=row_mask, other=1.0) * LOG2E  # base-2 logits: exp2 is the fast path
         bias = tl.load(bias_ptr) * LOG2E if HAS_BIAS else 0.0
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, Nb, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_mask = cols < Nb
-            s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
-                        NORM, MULTI, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-            # rows: online over the column tiles
-            z = tl.where(col_mask[None, :], s * sa[:, None] + bias, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
-            m_i = m_new
-            # columns: this tile's partial statistics, merged over the row blocks afterwards
-            sb = tl.load(scale_b + cols, mask=col_mask, other=1.0) * LOG2E
-            zc = tl.where(row_mask[:, None], s * sb[None, :] + bias, float("-inf"))
-            cm = tl.max(zc, axis=0)
-            cs = tl.sum(tl.exp2(zc - cm[None, :]), axis=0)
-            tl.store(PMAX + pid * stride_p + cols, cm, mask=col_mask)
-            tl.store(PSUM + pid * stride_p + cols, cs, mask=col_mask)
-        tl.store(LSE + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_mask)
+        tiles = tl.cdiv(tl.cdiv(Nb, BLOCK_N), n_split)  # column tiles per split
+        n_lo = split * tiles * BLOCK_N
+        n_hi = tl.minimum(Nb, n_lo + tiles * BLOCK_N)
+        if FLAT and not MULTI:
+            offs_k = tl.arange(0, BLOCK_K)
+            k_iters = tl.cdiv(D, BLOCK_K)
+            my_tiles = tl.maximum(tl.cdiv(n_hi - n_lo, BLOCK_N), 0)
+            if NORM:
+                ra = tl.load(inv_a + rows, mask=row_mask, other=0.0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for it in range(0, my_tiles * k_iters):
+                t = it // k_iters
+                ki = it - t * k_iters
+                cols = n_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_mask = cols < n_hi
+                kk = ki * BLOCK_K + offs_k
+                km = kk < D
+                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :],
+                            other=0.0)
+                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :],
+                            other=0.0)
+                acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+                if ki == k_iters - 1:
+                    s = acc
+                    if NORM:
+                        rb = tl.load(inv_b + cols, mask=col_mask, other=0.0)
+                        s = s * ra[:, None] * rb[None, :]
+                    m_i, l_i = _lse_fwd_epilogue(s, rows, cols, row_mask, col_mask, sa, bias, m_i, l_i, scale_b,
+                                                 PMAX, PSUM, pid, stride_p)
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < n_hi
+                s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
+                            NORM, MULTI, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                m_i, l_i = _lse_fwd_epilogue(s, rows, cols, row_mask, col_mask, sa, bias, m_i, l_i, scale_b,
+                                             PMAX, PSUM, pid, stride_p)
+        if n_split == 1:
+            tl.store(LSE + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_mask)
+        else:
+            tl.store(RMAX + split * Na + rows, m_i, mask=row_mask)
+            tl.store(RSUM + split * Na + rows, l_i, mask=row_mask)
 
     @triton.jit
     def _grad_tile_kernel(A, B, inv_a, inv_b, scale_a, scale_b, bias_ptr, lse_a, lse_b, g_a, g_b, sigma_ptr,
                           G, dscale_a, dscale_b, row0, Na_chunk, Nb, D, DT, K, stride_am, stride_bm, stride_gm,
                           NORM: tl.constexpr, MULTI: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        """One S tile -> σ·G tile stored to the row-chunk slab; Σ P·S and Σ Q·S added to the scale grads."""
-        local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N)
+                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr = 1):
+        """One S tile -> σ·G tile stored to the row-chunk slab; Σ P·S and Σ Q·S added to the scale grads.
+        GROUP: column tiles swept together by the programs in flight (L2 reuse), see _slab_tile_grouped."""
+        local, rows, row_mask, cols, col_mask = _slab_tile_grouped(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N, GROUP)
         s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
                     NORM, MULTI, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         sa = tl.load(scale_a + rows, mask=row_mask, other=0.0)

@@ -1,0 +1,94 @@
+"""Every variant of the Triton launch table (ops/_configs.VARIANTS) against the float64 reference on the
+interpreter: the variant's code paths (flattened tile×K loop, column-split forward grid, grouped backward order)
+with the interpreter's small tiles on shapes that make the split and the grouping real, and the variant's own
+sm_90 tiles (128×128×64 and the rest) on a ragged shape; fp32, bf16 and fp16."""
+import pytest
+import torch
+
+from fastcontrast.ops import _configs
+from fastcontrast.ops.infonce import function as F
+from fastcontrast.validate import default_cases
+
+from conftest import assert_matches_reference, backend_param, kernel_device
+
+VARIANTS = sorted(_configs.VARIANTS)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TRITON = backend_param("infonce", "triton")
+
+
+@pytest.fixture
+def variant(request):
+    _configs.set_variant(request.param)
+    yield request.param
+    _configs.set_variant(None)
+
+
+def test_every_variant_is_a_full_table():
+    base = _configs.VARIANTS["baseline"]
+    for name, table in _configs.VARIANTS.items():
+        assert set(table) == set(base), name
+        for kernel, by in table.items():
+            assert set(by) == set(base[kernel]), (name, kernel)
+    assert set(_configs.DEFAULT_VARIANT) == set(_configs.ARCHS)
+
+
+def test_variant_selection_env_and_function(monkeypatch):
+    monkeypatch.setenv(_configs.ENV_VARIANT, "baseline")
+    assert _configs.variant("sm90") == "baseline"
+    _configs.set_variant("hopper_w4")
+    try:
+        assert _configs.variant("sm90") == "hopper_w4"
+    finally:
+        _configs.set_variant(None)
+    monkeypatch.setenv(_configs.ENV_VARIANT, "nope")
+    with pytest.raises(ValueError, match="FASTCONTRAST_TRITON_VARIANT"):
+        _configs.variant("sm90")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        _configs.set_variant("nope")
+    monkeypatch.delenv(_configs.ENV_VARIANT)
+    assert _configs.variant("sm90") == _configs.DEFAULT_VARIANT["sm90"]
+
+
+def test_default_hopper_s_tiles_are_wide():
+    table = _configs.VARIANTS[_configs.DEFAULT_VARIANT["sm90"]]
+    for kernel in ("_lse_fwd_kernel", "_grad_tile_kernel", "_hinge_pair_fwd_kernel", "_hinge_pair_grad_tile_kernel"):
+        cfg = table[kernel][("sm90", "16")]
+        assert cfg["BLOCK_M"] >= 128 and cfg["BLOCK_N"] >= 128, (kernel, cfg)
+
+
+# N = 37 rows (2 row blocks of 32) against M = 150 columns (5 column tiles): the split forward grid uses 2 splits
+# on the interpreter's 4 pretend SMs, the grouped backward order spans several groups, every tile is ragged.
+SPLIT_SHAPE = dict(n=37, m=150, d=72, k=3)
+
+
+def test_split_shape_exercises_the_column_split():
+    for name in VARIANTS:
+        _configs.set_variant(name)
+        try:
+            cfg = _configs.config("_lse_fwd_kernel", torch.device("cpu"), torch.float32)
+            split = F._column_split(2, 150 // cfg["BLOCK_N"] + 1, torch.device("cpu"), cfg)
+            assert split == (2 if cfg["COL_SPLIT"] else 1), (name, split)
+        finally:
+            _configs.set_variant(None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("backend", [TRITON])
+def test_variant_code_paths_match_reference(backend, variant, dtype):
+    for case in default_cases(**SPLIT_SHAPE):
+        if case.op in ("infonce", "siglip", "max_margin"):
+            assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(0,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("backend", [TRITON])
+def test_variant_own_tiles_match_reference(backend, variant, dtype, monkeypatch):
+    if kernel_device().type == "cuda":
+        pytest.skip("on a GPU the variant's own tiles are what every other test runs")
+    monkeypatch.setattr(_configs, "INTERPRET_REAL_TILES", True)
+    names = ("clip_loss(normalize)", "clip_loss", "siglip_loss", "max_margin(diagonal)")
+    for case in default_cases(n=150, m=141, d=136, k=2):
+        if case.name in names:
+            assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(1,))
