@@ -249,3 +249,15 @@ def test_two_ranks_equal_one_process(local_loss, gather_with_grad):
     dy = torch.cat([r[2] for r in res]) * scale
     assert torch.allclose(dx, want[1], rtol=1e-8, atol=1e-10), (dx - want[1]).abs().max()
     assert torch.allclose(dy, want[2], rtol=1e-8, atol=1e-10)
+
+
+def test_modules_take_ids():
+    x, y, iid, tid = _case(9, 6, 12, 4, 11)
+    want = naive(x, y, torch.full((9,), 3.0), torch.full((6,), 3.0), 0.0, iid, tid)
+    got = fc.ClipLoss(normalize=True)(x, y, 3.0, image_ids=iid, text_ids=tid, output_dict=True)["contrastive_loss"]
+    assert torch.allclose(got, want, rtol=1e-10)
+    got = fc.ObliqueClipLoss(logit_scale=3.0)(x.reshape(9, 3, 4), y.reshape(6, 3, 4), image_ids=iid, text_ids=tid)
+    want = naive(x, y, torch.full((9,), 3.0), torch.full((6,), 3.0), 0.0, iid, tid, tokens=3)
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="mode='ring'"):
+        fc.ClipLoss(world_size=2, mode="ring")(x, y, 3.0, image_ids=iid, text_ids=tid)

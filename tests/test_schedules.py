@@ -202,3 +202,18 @@ def test_published_run(cls):
     assert torch.allclose(tau_low, torch.tensor([0.07, 0.20]))  # margins span [0.07, 0.40], not [0.01, 0.24]
     with pytest.raises(ValueError, match="published"):
         cls.published(alpha=0.1)
+
+
+def test_schedule_state_survives_state_dict():
+    torch.manual_seed(4)
+    d = 8
+    a = fc.CodisLoss(d, 4, queue_length=16, sinkhorn_queue_length=8, steps_per_epoch=3, backend="reference",
+                     sinkhorn_queue_start_epoch=0)
+    assert fc.CodisLoss(d, 4, queue_length=16, steps_per_epoch=3).sinkhorn_queue_started(44) is False  # epoch 15
+    for _ in range(3):
+        a(*(torch.randn(4, d, requires_grad=True) for _ in range(2)), torch.randn(4, d), torch.randn(4, d))
+    b = fc.CodisLoss(d, 4, queue_length=16, sinkhorn_queue_length=8, steps_per_epoch=3, backend="reference")
+    b.load_state_dict(a.state_dict())
+    assert (b.steps, b._sk_rows, b.codebook_loss.steps, b.queue_image.real) == (3, 12, 3, 12)
+    assert b.alpha_at(b.steps) == 0.4 and b.sinkhorn_queue_rows() == 8
+    assert torch.equal(b.queue_image.contents(), a.queue_image.contents())

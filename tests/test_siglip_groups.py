@@ -190,3 +190,23 @@ def test_two_ranks_equal_one_process(weighting):
     assert torch.allclose(sum(r[0] for r in res) / 2, want[0], rtol=1e-10)  # DDP's mean over ranks
     assert torch.allclose(torch.cat([r[1] for r in res]) / 2, want[1], rtol=1e-8, atol=1e-10)
     assert torch.allclose(torch.cat([r[2] for r in res]) / 2, want[2], rtol=1e-8, atol=1e-10)
+
+
+def test_torch_compile_fullgraph_and_autocast():
+    torch._dynamo.reset()
+    x, y, iid, tid = _case(14, 10, 8, 5, 9)
+    x, y = x.float(), y.float()
+
+    from fastcontrast.ops.siglip.reference import siglip_loss_reference
+
+    def step(a, b, s):  # the positive terms composed on an all-pairs op (compiling that op is its own tests')
+        return MP.siglip_ids(siglip_loss_reference, a, b, s, torch.tensor(-1.0), iid, tid, "inverse_count")
+
+    got = _grads(torch.compile(step, fullgraph=True, backend="aot_eager"), x, y, torch.tensor(3.0))
+    want = _grads(step, x, y, torch.tensor(3.0))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fc.siglip_loss(x.bfloat16(), y.bfloat16(), 3.0, -1.0, image_ids=iid, text_ids=tid,
+                             weighting="inverse_count")
+    assert out.dtype == torch.float32 and torch.allclose(out, want[0], rtol=2e-2)
