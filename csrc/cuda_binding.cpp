@@ -1,6 +1,7 @@
 // PyTorch binding of the CUDA kernels (lse_pair_cuda.cu). Compiled only with a CUDA build of torch
 // (setup.py, or the JIT loader in fastcontrast/_ext.py on a GPU machine).
 #include <torch/extension.h>
+#include <torch/version.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
@@ -33,6 +34,35 @@ void check(const at::Tensor& t, const char* name) {
 }
 
 void ok(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fastcontrast CUDA kernel failed: ", cudaGetErrorString(e)); }
+
+// out (fp32) = a·b, or += a·b, for 16-bit a, b without a 16-bit product: addmm.dtype accumulates into out itself
+// where this torch allows an fp32 self (newer releases), else mm.dtype writes an fp32 product that is added;
+// torch before 2.9 has neither, and the product is rounded to a's dtype first (the pre-issue-17 behaviour).
+void gemm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (a.scalar_type() == out.scalar_type()) {
+    if (accumulate) out.addmm_(a, b);
+    else at::mm_out(out, a, b);
+    return;
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  static int mode = -1;  // 0: addmm.dtype into out, 1: mm.dtype then add (probed on the first call)
+  if (mode != 1) {
+    try {
+      at::addmm_out(out, out, a, b, out.scalar_type(), accumulate ? 1 : 0, 1);
+      mode = 0;
+      return;
+    } catch (const c10::Error&) {
+      if (mode == 0) throw;
+      mode = 1;
+    }
+  }
+  if (accumulate) out.add_(at::mm(a, b, out.scalar_type()));
+  else at::mm_out(out, a, b, out.scalar_type());
+#else
+  if (accumulate) out.add_(at::mm(a, b));
+  else out.copy_(at::mm(a, b));
+#endif
+}
 
 // The CuTe kernels (lse_pair_cute.cu) take fp16/bf16 operands with D % 8 == 0 and 16-byte rows. Until a GPU run
 // has validated them they are opt-in: FASTCONTRAST_CUTE=1.
@@ -95,7 +125,8 @@ std::vector<at::Tensor> lse_pair_cuda_forward(at::Tensor x, at::Tensor y, at::Te
   return {lse_r, lse_c};
 }
 
-// Gradients w.r.t. x̂, ŷ (fp32) and the scales: G one slab of R rows at a time, then two cuBLAS GEMMs.
+// Gradients w.r.t. x̂, ŷ (fp32) and the scales: G one slab of R rows at a time, then two cuBLAS GEMMs with fp32
+// output into the fp32 gradients (gemm_into); R from the byte budget.
 std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, at::Tensor x, at::Tensor y,
                                                at::Tensor a, at::Tensor c, double bias, at::Tensor lse_r,
                                                at::Tensor lse_c, int64_t budget_bytes) {
@@ -125,8 +156,8 @@ std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, a
           sigma.data_ptr<float>(), slab.data_ptr(), da.data_ptr<float>(), dc.data_ptr<float>(), r0, rc, m, x.size(1),
           x.stride(0), y.stride(0), slab.stride(0), stream));
       auto g = slab.narrow(0, 0, rc);
-      dx.narrow(0, r0, rc).copy_(at::mm(g, y));
-      dy.add_(at::mm(g.t(), x.narrow(0, r0, rc)));
+      gemm_into(dx.narrow(0, r0, rc), g, y, false);
+      gemm_into(dy, g.t(), x.narrow(0, r0, rc), true);
       continue;
     }
 #endif
@@ -137,8 +168,8 @@ std::vector<at::Tensor> lse_pair_cuda_backward(at::Tensor g_r, at::Tensor g_c, a
                                       slab.data_ptr(), da.data_ptr<float>(), dc.data_ptr<float>(), r0, rc, m, x.size(1),
                                       x.stride(0), y.stride(0), slab.stride(0), stream));
     auto g = slab.narrow(0, 0, rc);
-    dx.narrow(0, r0, rc).copy_(at::mm(g, y));
-    dy.add_(at::mm(g.t(), x.narrow(0, r0, rc)));
+    gemm_into(dx.narrow(0, r0, rc), g, y, false);  // fp32 products, accumulated in fp32
+    gemm_into(dy, g.t(), x.narrow(0, r0, rc), true);
   }
   return {dx / sigma, dy / sigma, da, dc};
 }

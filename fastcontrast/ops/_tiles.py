@@ -6,7 +6,7 @@ W Ŷ and Wᵀ X̂. R comes from a byte budget, so the extra memory is O(M·budge
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -69,19 +69,83 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def slab_products(fill: Callable[[int, int, Tensor], None], xh: Tensor, yh: Tensor, acc: torch.dtype
-                  ) -> Tuple[Tensor, Tensor]:
-    """(W Ŷ, Wᵀ X̂) in ``acc`` where fill(r0, rc, slab) writes rows r0:r0+rc of W (N×M) into slab[:rc]."""
+def slab_dtype(xh: Tensor) -> torch.dtype:
+    """dtype of the W slab the fill callbacks write: the GEMM operand dtype, except for 16-bit operands on the
+    CPU, where no GEMM has an fp32 output (aten::mm.dtype is CUDA-only): there the slab and the operands are fp32,
+    so the products are the exact fp32 sums a GPU's fp32-output GEMM computes."""
+    if xh.device.type != "cuda" and xh.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return xh.dtype
+
+
+_OUT_DTYPE = {}  # device type -> "addmm" | "mm" | None: how a 16-bit GEMM writes fp32 here (probed once)
+
+
+def _fp32_gemm_mode(device: torch.device) -> Optional[str]:
+    """How 16-bit operands reach an fp32 result without a 16-bit temporary: "addmm" (addmm.dtype accumulates
+    into the fp32 buffer itself, newer torch), "mm" (mm.dtype writes an fp32 product that is then added), or None
+    (torch without out_dtype: the product is rounded to the input dtype, the pre-issue-17 behaviour)."""
+    if device.type not in _OUT_DTYPE:
+        a = torch.zeros(2, 2, device=device, dtype=torch.bfloat16)
+        acc = torch.zeros(2, 2, device=device, dtype=torch.float32)
+        mode = None
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            mode = "addmm"
+        except (RuntimeError, TypeError, NotImplementedError):
+            try:
+                torch.mm(a, a, out_dtype=torch.float32)
+                mode = "mm"
+            except (RuntimeError, TypeError, NotImplementedError):
+                mode = None
+        _OUT_DTYPE[device.type] = mode
+    return _OUT_DTYPE[device.type]
+
+
+def _gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out (fp32/fp64) = a @ b, or += a @ b when ``accumulate``; a, b share a dtype (16-bit only on CUDA)."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    mode = _fp32_gemm_mode(a.device)
+    if mode == "addmm":
+        torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=out.dtype, out=out)
+    elif mode == "mm" and accumulate:
+        out.add_(torch.mm(a, b, out_dtype=out.dtype))
+    elif mode == "mm":
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    elif accumulate:  # no fp32-output GEMM in this torch: the product is rounded to a's dtype
+        out.add_(a @ b)
+    else:
+        out.copy_(a @ b)
+
+
+def slab_products(fill: Callable[[int, int, Tensor], None], xh: Tensor, yh: Tensor, acc: torch.dtype,
+                  need: Tuple[bool, bool] = (True, True)) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(W Ŷ, Wᵀ X̂) accumulated in ``acc`` (fp32 or fp64) where fill(r0, rc, slab) writes rows r0:r0+rc of W (N×M)
+    into slab[:rc]; ``need`` skips a product nobody asked for (None in its place).
+
+    The GEMMs write straight into the ``acc`` buffers (fp32 output from 16-bit operands on CUDA, see
+    :func:`_fp32_gemm_mode`): no per-slab product is rounded to the input dtype. The slab is as tall as the byte
+    budget allows (:func:`rows_per_block`), so the GEMMs run on R×M×D shapes, R up to 2048 at M = 64k in bf16."""
     n, d = xh.shape
     m = yh.shape[0]
-    rows = rows_per_block(n, m, torch.finfo(xh.dtype).bits // 8)
-    slab = torch.empty(min(rows, n), m, dtype=xh.dtype, device=xh.device)
-    dxh = torch.empty(n, d, dtype=acc, device=xh.device)
-    dyh = torch.zeros(m, d, dtype=acc, device=xh.device)
+    sdt = slab_dtype(xh)
+    if sdt != xh.dtype:  # 16-bit on the CPU: fp32 operands, converted once (O((N+M)·D))
+        xh, yh = xh.to(sdt), yh.to(sdt)
+    rows = rows_per_block(n, m, torch.finfo(sdt).bits // 8)
+    slab = torch.empty(min(rows, n), m, dtype=sdt, device=xh.device)
+    dxh = torch.empty(n, d, dtype=acc, device=xh.device) if need[0] else None
+    dyh = torch.zeros(m, d, dtype=acc, device=xh.device) if need[1] else None
     for r0 in range(0, n, rows):
         rc = min(rows, n - r0)
         fill(r0, rc, slab)
         w = slab[:rc]
-        dxh[r0:r0 + rc] = w @ yh
-        dyh += w.T @ xh[r0:r0 + rc]
+        if dxh is not None:
+            _gemm_into(dxh[r0:r0 + rc], w, yh, accumulate=False)
+        if dyh is not None:
+            _gemm_into(dyh, w.T, xh[r0:r0 + rc], accumulate=True)
     return dxh, dyh

@@ -8,6 +8,9 @@ For row i of A against every row j of B that is a negative (key_b[j] != key_a[i]
 with o_i = margin − S_{i,p(i)}. The image→text term is (A, B) = (X, Y), keys (labels, arange(M)); the
 text→image term is (A, B) = (Y[labels], X), keys (labels, labels). The backward of the sum variant writes the
 0/g_i indicator W of active hinges one row-chunk slab at a time and finishes with two GEMMs (``_tiles``).
+The hardest variant takes both directions from one sweep of (X, Y): the row maxima here, the column maxima as
+per-block partials (PMAX/PARG). The diagonal (pairs i ↔ i) has its own pair: ``_hinge_pair_fwd_kernel`` (loss
+only) and ``_hinge_pair_grad_tile_kernel`` (loss, counts and the slab W of the fused forward).
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ if triton is not None:
     from .._triton_tiles import _s_tile, _slab_tile
 
     @triton.jit
-    def _hinge_fwd_kernel(A, B, inv_a, inv_b, offset, key_a, key_b, OUT, CNT, ARG, Na, Nb, D, DT, K,
-                          stride_am, stride_bm, NORM: tl.constexpr, HARDEST: tl.constexpr,
+    def _hinge_fwd_kernel(A, B, inv_a, inv_b, offset, key_a, key_b, OUT, CNT, ARG, PMAX, PARG, Na, Nb, D, DT, K,
+                          stride_am, stride_bm, stride_p, NORM: tl.constexpr, HARDEST: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row block against every column tile. HARDEST also writes, per column j, this block's largest S_ij
+        over its rows i that are negatives of j, and that row, to PMAX/PARG[pid, j] (the column direction's
+        hardest negative, merged over the blocks afterwards): both directions from this one sweep."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < Na
@@ -45,6 +51,10 @@ if triton is not None:
                 upd = bm > best
                 arg = tl.where(upd, n0 + ba, arg)
                 best = tl.where(upd, bm, best)
+                sc = tl.where(neg & row_mask[:, None], s, float("-inf"))
+                tl.store(PMAX + pid * stride_p + cols, tl.max(sc, axis=0), mask=col_mask)
+                tl.store(PARG + pid * stride_p + cols, pid * BLOCK_M + tl.argmax(sc, axis=0).to(tl.int32),
+                         mask=col_mask)
             else:
                 act = neg & (z > 0)
                 acc += tl.sum(tl.where(act, z, 0.0), axis=1)
@@ -107,20 +117,29 @@ if triton is not None:
         tl.store(CNT + rows, cnt, mask=row_mask)
 
     @triton.jit
-    def _hinge_pair_grad_tile_kernel(A, B, inv_a, inv_b, offset, g_r, g_c, W, row0, Na_chunk, N, D, stride_am,
-                                     stride_bm, stride_wm, NORM: tl.constexpr, PRECISION: tl.constexpr,
-                                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                     BLOCK_K: tl.constexpr):
-        """W_ij = g_r_i·[o_i + S_ij > 0] + g_c_j·[o_j + S_ij > 0] over i ≠ j, one tile of one row chunk."""
+    def _hinge_pair_grad_tile_kernel(A, B, inv_a, inv_b, offset, W, LPART, RCNT, CCNT, row0, Na_chunk, N, D,
+                                     stride_am, stride_bm, stride_wm, stride_r, stride_c, NORM: tl.constexpr,
+                                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One tile of the fused forward sweep of the diagonal hinge (grid: row tiles of the slab × column tiles):
+        W_ij = [o_i + S_ij > 0] + [o_j + S_ij > 0] over i ≠ j (= ∂total/∂S_ij) into the slab; this tile's hinge sum
+        to LPART[tile], its per-row active counts to RCNT[pid1, row], its per-column ones to CCNT[pid0, col]:
+        no atomics, the host sums the partials in a fixed order."""
         local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, N, BLOCK_M, BLOCK_N)
         s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
                     NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         off_r = tl.load(offset + rows, mask=row_mask, other=0.0)
         off_c = tl.load(offset + cols, mask=col_mask, other=0.0)
-        gr = tl.load(g_r + rows, mask=row_mask, other=0.0)
-        gc = tl.load(g_c + cols, mask=col_mask, other=0.0)
         valid = row_mask[:, None] & col_mask[None, :]
         neg = valid & (rows[:, None] != cols[None, :])
-        w = tl.where(neg & (off_r[:, None] + s > 0), gr[:, None], 0.0) + \
-            tl.where(neg & (off_c[None, :] + s > 0), gc[None, :], 0.0)
+        zr = off_r[:, None] + s
+        zc = off_c[None, :] + s
+        act_r = neg & (zr > 0)
+        act_c = neg & (zc > 0)
+        w = act_r.to(tl.float32) + act_c.to(tl.float32)
         tl.store(W + local[:, None] * stride_wm + cols[None, :], w.to(W.dtype.element_ty), mask=valid)
+        hinge = tl.where(act_r, zr, 0.0) + tl.where(act_c, zc, 0.0)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(LPART + tile, tl.sum(tl.sum(hinge, axis=1), axis=0))
+        tl.store(RCNT + tl.program_id(1) * stride_r + local, tl.sum(act_r.to(tl.float32), axis=1), mask=row_mask)
+        tl.store(CCNT + tl.program_id(0) * stride_c + cols, tl.sum(act_c.to(tl.float32), axis=0), mask=col_mask)

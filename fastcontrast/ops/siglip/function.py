@@ -1,7 +1,7 @@
 """Fused SigLIP loss: the all-pairs softplus sum as a tiled Triton op with a slab backward; positives in PyTorch.
 
 −Σ_j log σ(z_ij l_ij) = Σ_j softplus(l_ij) − l_{i,p(i)}  (z = +1 only at the positive), so the loss is one
-row-reduction over tiles of S plus an O(N·D) positive term.
+all-pairs sum over tiles of S plus an O(N·D) positive term.
 """
 from __future__ import annotations
 
@@ -16,57 +16,74 @@ from .._configs import launch as launch_config
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
 
-class SoftplusRows(torch.autograd.Function):
-    """f_i = Σ_j softplus(s⟨x_i, y_j⟩ + b): (N,), with gradients to x, y, s and b."""
+def no_double_backward(op: str) -> None:
+    """Raise where a backward is asked to build a graph (create_graph=True): the gradients here come from kernels
+    with no autograd of their own, so a second derivative would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"double backward is not supported by backend 'triton' for {op}; use backend='reference'")
+
+
+class SoftplusSum(torch.autograd.Function):
+    """Σ_ij softplus(s⟨x_i, y_j⟩ + b), a scalar, with gradients to x (N, D), y (M, D), s and b.
+
+    With ``want_grad`` the forward sweep also writes W = σ(l) one row slab at a time, and the slab GEMMs
+    s·W Y, s·Wᵀ X accumulate the feature gradients in fp32 right behind it; the backward only multiplies by the
+    upstream scalar: 3 units of 2·N·M·D in all (1 sweep + 2 GEMMs). Without, the forward is the 1-unit sweep.
+    Memory O((N+M)·D) plus one G slab of the byte budget (``_tiles.rows_per_block``); no float atomics."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias):
+    def forward(ctx, x, y, scale, bias, want_grad: bool):
         from . import triton_kernels as K
 
         x, y = x.contiguous(), y.contiguous()
         n, d = x.shape
         m = y.shape[0]
         s32, b32 = scale.detach().float().reshape(1), bias.detach().float().reshape(1)
-        out = torch.empty(n, device=x.device, dtype=torch.float32)
-        cfg, warps, stages = launch_config("_softplus_rows_kernel", x.device, x.dtype)
-        K._softplus_rows_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-            x, y, s32, b32, out, n, m, d, x.stride(0), y.stride(0), PRECISION=T.precision(x.dtype),
-            UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
-        ctx.save_for_backward(x, y, s32, b32)
-        ctx.scale_dtype, ctx.bias_dtype = scale.dtype, bias.dtype
-        return out
+        ctx.scale_shape, ctx.bias_shape = scale.shape, bias.shape
+        ctx.dtypes = (x.dtype, y.dtype, scale.dtype, bias.dtype)
+        if not want_grad:
+            out = torch.empty(n, device=x.device, dtype=torch.float32)
+            cfg, warps, stages = launch_config("_softplus_rows_kernel", x.device, x.dtype)
+            K._softplus_rows_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+                x, y, s32, b32, out, n, m, d, x.stride(0), y.stride(0), PRECISION=T.precision(x.dtype),
+                UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
+            ctx.grads = None
+            return out.sum()
+        cfg, warps, stages = launch_config("_sigmoid_grad_tile_kernel", x.device, x.dtype)
+        col_tiles = triton.cdiv(m, cfg["BLOCK_N"])
+        sums = torch.zeros(3, device=x.device, dtype=torch.float32)  # Σ softplus, Σ σ·S, Σ σ
+        part = []
+
+        def fill(r0, rc, slab):
+            grid = (triton.cdiv(rc, cfg["BLOCK_M"]), col_tiles)
+            if not part:  # the first slab is the tallest
+                part.append(torch.empty(3, grid[0] * grid[1], device=x.device, dtype=torch.float32))
+            p = part[0]
+            K._sigmoid_grad_tile_kernel[grid](
+                x, y, s32, b32, slab, p, r0, rc, m, d, x.stride(0), y.stride(0), slab.stride(0), p.stride(0),
+                PRECISION=T.precision(x.dtype), UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
+            sums.add_(p[:, :grid[0] * grid[1]].sum(dim=1))
+
+        need = ctx.needs_input_grad
+        dx, dy = T.slab_products(fill, x, y, torch.float32, need=(need[0], need[1]))
+        ctx.grads = (None if dx is None else dx.mul_(s32), None if dy is None else dy.mul_(s32), sums[1], sums[2])
+        return sums[0].clone()
 
     @staticmethod
     def backward(ctx, g):
-        from . import triton_kernels as K
-
-        x, y, s32, b32 = ctx.saved_tensors
-        n, d = x.shape
-        m = y.shape[0]
-        g = g.float().contiguous()
-        sigma = (1.0 / (g.abs().max() * s32.abs()).clamp_min(1e-30)).reshape(1)  # keeps σ·s·W <= 1 (fp16 slabs)
-        dsum_s = torch.zeros(n, device=x.device, dtype=torch.float32)
-        dsum_b = torch.zeros(n, device=x.device, dtype=torch.float32)
-        cfg, warps, stages = launch_config("_sigmoid_grad_tile_kernel", x.device, x.dtype)
-
-        def fill(r0, rc, slab):
-            grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(m, cfg["BLOCK_N"]))
-            K._sigmoid_grad_tile_kernel[grid](
-                x, y, s32, b32, g, sigma, slab, dsum_s, dsum_b, r0, rc, m, d, x.stride(0), y.stride(0),
-                slab.stride(0), PRECISION=T.precision(x.dtype), UPCAST=T.upcast(x), num_warps=warps,
-                num_stages=stages, **cfg)
-
-        dx, dy = T.slab_products(fill, x, y, torch.float32)
-        dx, dy = dx / sigma, dy / sigma
-        return (dx.to(x.dtype), dy.to(y.dtype), dsum_s.sum().to(ctx.scale_dtype),
-                dsum_b.sum().to(ctx.bias_dtype))
+        no_double_backward("siglip")
+        dx, dy, ds, db = ctx.grads
+        g = g.float()
+        xdt, ydt, sdt, bdt = ctx.dtypes
+        return (None if dx is None else (dx * g).to(xdt), None if dy is None else (dy * g).to(ydt),
+                (ds * g).to(sdt).reshape(ctx.scale_shape), (db * g).to(bdt).reshape(ctx.bias_shape), None)
 
 
 def siglip_fused(x: Tensor, y: Tensor, scale: Tensor, bias: Optional[Tensor], labels: Optional[Tensor],
                  negative_only: bool) -> Tensor:
     b = torch.zeros((), device=x.device) if bias is None else bias
-    f = SoftplusRows.apply(x, y, scale, b)
-    total = f.sum()
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, b))
+    total = SoftplusSum.apply(x, y, scale, b, want_grad)
     if not negative_only:
         n = x.shape[0]
         lab = torch.arange(n, device=x.device) if labels is None else labels

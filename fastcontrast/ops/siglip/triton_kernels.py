@@ -1,7 +1,8 @@
 """Triton kernels for SigLIP's all-pairs term Σ_j softplus(s·S_ij + b), tiled; never an N×M buffer.
 
-Forward: f_i = Σ_j softplus(l_ij). Backward: W_ij = g_i σ(l_ij), stored (×σ-scale) one row-chunk slab at a time
-for the two GEMMs; Σ_j W_ij S_ij and Σ_j W_ij are accumulated for the scale and bias gradients.
+Forward without gradients: f_i = Σ_j softplus(l_ij) (``_softplus_rows_kernel``, one sweep of S). Forward with
+gradients (``_sigmoid_grad_tile_kernel``, the same sweep): W_ij = σ(l_ij) = ∂softplus(l_ij)/∂l_ij one row-chunk
+slab at a time for the two GEMMs behind it, plus per-tile Σ softplus(l), Σ σ(l)·S (scale) and Σ σ(l) (bias).
 """
 from __future__ import annotations
 
@@ -34,19 +35,24 @@ if triton is not None:
         tl.store(OUT + rows, acc, mask=row_mask)
 
     @triton.jit
-    def _sigmoid_grad_tile_kernel(A, B, scale_ptr, bias_ptr, g_a, sigma_ptr, W, dsum_s, dsum_b, row0, Na_chunk,
-                                  Nb, D, stride_am, stride_bm, stride_wm, PRECISION: tl.constexpr,
-                                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr):
+    def _sigmoid_grad_tile_kernel(A, B, scale_ptr, bias_ptr, W, PART, row0, Na_chunk, Nb, D, stride_am, stride_bm,
+                                  stride_wm, stride_p, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One tile of the fused forward sweep (grid: row tiles of the slab × column tiles): l = s·S_ij + b,
+        W_ij = σ(l_ij) into the slab, and this tile's Σ softplus(l), Σ σ(l)·S and Σ σ(l) to PART[0..2, tile]
+        (tile = pid0·#pid1 + pid1): no atomics, the host sums the partials in a fixed order."""
         local, rows, row_mask, cols, col_mask = _slab_tile(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N)
         t = _s_tile(A, B, A, B, rows, cols, row_mask, col_mask, D, D, 1, stride_am, stride_bm,
                     False, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         s = tl.load(scale_ptr)
         b = tl.load(bias_ptr)
-        sigma = tl.load(sigma_ptr)
-        ga = tl.load(g_a + rows, mask=row_mask, other=0.0)
         valid = row_mask[:, None] & col_mask[None, :]
-        w = tl.where(valid, ga[:, None] / (1.0 + tl.exp(-(t * s + b))), 0.0)
-        tl.store(W + local[:, None] * stride_wm + cols[None, :], (w * (s * sigma)).to(W.dtype.element_ty), mask=valid)
-        tl.atomic_add(dsum_s + rows, tl.sum(w * t, axis=1), mask=row_mask)
-        tl.atomic_add(dsum_b + rows, tl.sum(w, axis=1), mask=row_mask)
+        z = t * s + b
+        e = tl.exp(-tl.abs(z))  # one exp for both: softplus(z) = max(z, 0) + log(1 + e), σ(z) from e
+        sp = tl.where(valid, tl.maximum(z, 0.0) + tl.log(1.0 + e), 0.0)
+        sig = tl.where(valid, tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)), 0.0)
+        tl.store(W + local[:, None] * stride_wm + cols[None, :], sig.to(W.dtype.element_ty), mask=valid)
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(PART + tile, tl.sum(tl.sum(sp, axis=1), axis=0))
+        tl.store(PART + stride_p + tile, tl.sum(tl.sum(sig * t, axis=1), axis=0))
+        tl.store(PART + 2 * stride_p + tile, tl.sum(tl.sum(sig, axis=1), axis=0))
