@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast.validate import Case, default_cases
+from fastcontrast.validate import Case, default_cases, rel_err
 
 from conftest import assert_matches_reference, backend_param, kernel_device
 
@@ -58,3 +58,49 @@ def test_diagonal_one_sweep_path_matches_reference(backend, dtype, reduction, pe
     case = Case("margin-diag", "max_margin", make,
                 lambda backend, **kw: fc.max_margin_loss(**kw, reduction=reduction, backend=backend))
     assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(0, 1))
+
+
+def _margin_run(backend, dtype, n, m, d, hardest, labelled, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = kernel_device()
+    x = torch.randn(n, d, generator=g).to(dev, dtype).requires_grad_()
+    y = torch.randn(m, d, generator=g).to(dev, dtype).requires_grad_()
+    marg = (0.1 + 0.4 * torch.rand(n, generator=g)).to(dev)  # a schedule: the API passes it detached
+    labels = torch.randint(0, m, (n,), generator=g).to(dev) if labelled else None
+    loss = fc.max_margin_loss(x, y, marg, labels=labels, hardest=hardest, backend=backend)
+    return [loss.detach()] + list(torch.autograd.grad(loss, (x, y))), (x, y, marg, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["diagonal", "hardest", "hardest_labelled"])
+@pytest.mark.parametrize("backend", [backend_param("max_margin", "triton")])
+def test_fused_hinges_ragged_every_gradient(backend, kind, dtype):
+    """The 3-unit diagonal and the 1-unit hardest paths, D = 70, N ≠ M where labelled: loss and the gradients of
+    both features (through the offsets o_i = m_i − S_ii too) with a per-pair margin vs float64."""
+    from fastcontrast.ops.adaptive.reference import max_margin_loss_reference as ref_fn
+
+    n, m = (37, 53) if kind == "hardest_labelled" else (45, 45)
+    out, (x, y, marg, labels) = _margin_run(backend, dtype, n, m, 70, kind != "diagonal", kind == "hardest_labelled")
+    leaves = [t.detach().double().requires_grad_() for t in (x, y)]
+    ref = ref_fn(leaves[0], leaves[1], marg.double(), labels=labels, hardest=kind != "diagonal")
+    want = [ref.detach()] + list(torch.autograd.grad(ref, leaves))
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
+    for name, a, r in zip(("loss", "x", "y"), out, want):
+        assert torch.isfinite(a).all() and rel_err(a, r) <= tol, (name, rel_err(a, r))
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "hardest"])
+@pytest.mark.parametrize("backend", [backend_param("max_margin", "triton")])
+def test_fused_hinges_deterministic_and_no_double_backward(backend, kind):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, _ = _margin_run(backend, torch.float32, 45, 45, 40, kind == "hardest", False)
+        second, (x, y, marg, _) = _margin_run(backend, torch.float32, 45, 45, 40, kind == "hardest", False)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    loss = fc.max_margin_loss(x, y, marg, hardest=kind == "hardest", backend=backend)
+    with pytest.raises(RuntimeError, match="double backward is not supported by backend 'triton' for max_margin"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -61,3 +61,67 @@ def test_siglip_module_matches_open_clip(backend):
 
     for a, b in zip(run(fc.SigLipLoss(backend=backend)), run(oc.SigLipLoss())):
         assert rel_err(a, b) <= 2e-5, (a, b)  # norm-relative: fp32 with a different summation order
+
+
+@pytest.fixture
+def atomics(monkeypatch):
+    """Counts the float atomics the Triton interpreter executes."""
+    import triton.runtime.interpreter as I
+
+    count = {"n": 0}
+    orig = I.InterpreterBuilder.create_atomic_rmw
+
+    def create_atomic_rmw(self, *args, **kw):
+        count["n"] += 1
+        return orig(self, *args, **kw)
+
+    monkeypatch.setattr(I.InterpreterBuilder, "create_atomic_rmw", create_atomic_rmw)
+    return count
+
+
+def _siglip_run(backend, dtype, n=37, m=53, d=70, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = kernel_device()
+    x = torch.randn(n, d, generator=g).to(dev, dtype).requires_grad_()
+    y = torch.randn(m, d, generator=g).to(dev, dtype).requires_grad_()
+    s = torch.tensor(4.0, device=dev, requires_grad=True)
+    b = torch.tensor(-3.0, device=dev, requires_grad=True)
+    labels = torch.randint(0, m, (n,), generator=g).to(dev)
+    loss = fc.siglip_loss(x, y, s, b, labels=labels, backend=backend)
+    return [loss.detach()] + list(torch.autograd.grad(loss, (x, y, s, b))), (x, y, s, b, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [backend_param("siglip", "triton")])
+def test_siglip_fused_ragged_every_gradient(backend, dtype):
+    """N ≠ M, D = 70 (no multiple of 16): loss and the gradients of x, y, scale and bias vs float64."""
+    out, (x, y, s, b, labels) = _siglip_run(backend, dtype)
+    leaves = [t.detach().double().requires_grad_() for t in (x, y, s, b)]
+    ref = siglip_loss_reference(*leaves, labels=labels)
+    want = [ref.detach()] + list(torch.autograd.grad(ref, leaves))
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
+    for name, a, r in zip(("loss", "x", "y", "scale", "bias"), out, want):
+        assert torch.isfinite(a).all() and rel_err(a, r) <= tol, (name, rel_err(a, r))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("backend", [backend_param("siglip", "triton")])
+def test_siglip_no_float_atomics_and_bitwise_repeatable(backend, deterministic, atomics):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        first, _ = _siglip_run(backend, torch.float32)
+        second, _ = _siglip_run(backend, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert atomics["n"] == 0  # per-tile partials summed in a fixed order instead
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [backend_param("siglip", "triton")])
+def test_siglip_double_backward_raises(backend):
+    _, (x, y, s, b, labels) = _siglip_run(backend, torch.float32)
+    loss = fc.siglip_loss(x, y, s, b, labels=labels, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward is not supported by backend 'triton' for siglip"):
+        torch.autograd.grad(loss, x, create_graph=True)
