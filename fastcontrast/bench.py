@@ -116,6 +116,35 @@ def _inf_cl():
     return lambda x, y, s: 0.5 * (cal_flash_loss(x, y, scale=s).mean() + cal_flash_loss(y, x, scale=s).mean())
 
 
+def _siglip_kernel():
+    """siglip-kernel 0.1.2's fused_siglip_loss (log-temperature and bias as tensors; its default routing: the
+    chunked cuBLAS + fused BCE path for bf16/fp16); None when it is not installed."""
+    try:
+        from siglip_kernel import fused_siglip_loss  # type: ignore
+    except Exception:  # noqa: BLE001
+        return None
+    return lambda x, y, scale, bias: fused_siglip_loss(x, y, scale.log(), bias)
+
+
+def _import_error(module: str) -> str:
+    try:
+        __import__(module)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e)[:80]}"
+    return "importable"
+
+
+class Unavailable(RuntimeError):
+    """A baseline that cannot run here: its row says why instead of vanishing."""
+
+
+def _unavailable(reason: str) -> Callable:
+    def fn(**_):
+        raise Unavailable(reason)
+
+    return fn
+
+
 OPS = ("clip", "siglip", "oblique", "mmts", "mmts_margin", "codebook", "momentum", "clip_multipos", "distill")
 _DISPATCH_OP = {"clip": "infonce", "siglip": "siglip", "oblique": "infonce", "mmts": "infonce",
                 "mmts_margin": "max_margin", "codebook": "swapped_prediction", "momentum": "momentum_contrastive",
@@ -134,7 +163,10 @@ LEGEND = {
     "open_clip SigLipLoss": "open_clip.loss.SigLipLoss (materialised logits)",
     "open_clip DistillClipLoss": "open_clip.loss.DistillClipLoss (student and teacher logits materialised)",
     "Inf-CL (flash, 2 calls)": "Inf-CL's cal_flash_loss, once per direction (it is one-directional)",
+    "siglip-kernel": "siglip-kernel 0.1.2 fused_siglip_loss (auto routing: chunked cuBLAS GEMM + fused BCE)",
 }
+for _v in ("baseline", "hopper_tiles", "hopper", "hopper_2cta"):
+    LEGEND[f"fastcontrast[triton:{_v}]"] = f"the Triton kernels with launch-table variant {_v!r} (ops/_configs.py)"
 
 
 def _codes(n: int) -> int:
@@ -224,11 +256,36 @@ def bytes_floor(op: str, n: int, d: int, elt: int) -> float:
     return 4 * n * d * elt
 
 
-def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[str, Callable]:
-    """name -> loss(**inputs) for every implementation of ``op`` available on ``dev``, baselines included."""
+def _with_variant(name: str, fn: Callable) -> Callable:
+    """``fn`` run with launch-table variant ``name``; left selected, so the backward that follows (outside this
+    call) launches the same variant; the next candidate selects its own."""
+    from .ops import _configs
+
+    def run(**kw):
+        _configs.set_variant(name)
+        return fn(**kw)
+
+    return run
+
+
+def candidates(op: str, dev: torch.device, with_compile: bool = True, variants: Optional[List[str]] = None,
+               explain_missing: bool = False) -> Dict[str, Callable]:
+    """name -> loss(**inputs) for every implementation of ``op`` available on ``dev``, baselines included.
+
+    ``variants``: the Triton backend once per launch-table variant ("fastcontrast[triton:<variant>]", for A/B
+    runs; Triton on the CPU only under TRITON_INTERPRET). ``explain_missing``: a baseline that cannot run here
+    (not installed, needs CUDA) stays as a row whose note says why."""
     out: Dict[str, Callable] = {}
     from .dispatch import available_backends
 
+    if variants:
+        from .dispatch import unavailable_reason
+
+        why = unavailable_reason(_DISPATCH_OP[op], "triton", dev)
+        for v in variants:
+            out[f"fastcontrast[triton:{v}]"] = (_with_variant(v, loss_fn(op, "triton")) if why is None
+                                               else _unavailable(f"triton: {why}"))
+        return out
     for fused in available_backends(_DISPATCH_OP[op], dev):  # every fast backend that runs here, auto's first
         if fused != "reference" and not (fused == "triton" and dev.type == "cpu"):
             out[f"fastcontrast[{fused}]"] = loss_fn(op, fused)
@@ -251,6 +308,15 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
         if oc is not None:
             out["open_clip SigLipLoss"] = lambda image_features, text_features, logit_scale, logit_bias: oc(
                 image_features, text_features, logit_scale, logit_bias)
+        elif explain_missing:
+            out["open_clip SigLipLoss"] = _unavailable(f"open_clip: {_import_error('open_clip')}")
+        sk = _siglip_kernel()
+        if sk is not None and dev.type == "cuda":
+            out["siglip-kernel"] = lambda image_features, text_features, logit_scale, logit_bias: sk(
+                image_features, text_features, logit_scale, logit_bias)
+        elif explain_missing:
+            out["siglip-kernel"] = _unavailable("needs CUDA" if sk is not None
+                                                else f"siglip_kernel: {_import_error('siglip_kernel')}")
     if op == "distill":
         oc = _open_clip_loss("DistillClipLoss")
         if oc is not None:
@@ -262,10 +328,15 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True) -> Dict[st
         if oc is not None:
             out["open_clip ClipLoss"] = lambda image_features, text_features, logit_scale: oc(
                 image_features, text_features, logit_scale)
+        elif explain_missing:
+            out["open_clip ClipLoss"] = _unavailable(f"open_clip: {_import_error('open_clip')}")
         inf = _inf_cl()
         if inf is not None and dev.type == "cuda":
             out["Inf-CL (flash, 2 calls)"] = lambda image_features, text_features, logit_scale: inf(
                 image_features, text_features, logit_scale)
+        elif explain_missing:
+            out["Inf-CL (flash, 2 calls)"] = _unavailable("needs CUDA" if inf is not None
+                                                          else f"inf_cl: {_import_error('inf_cl')}")
     return out
 
 
@@ -298,25 +369,54 @@ def _flags(row: dict) -> List[str]:
     return out
 
 
+STREAM_FIELDS = ("op", "n", "d", "impl", "fwd_min_ms", "fwd_ms", "fwd_max_ms", "fwd_bwd_min_ms", "fwd_bwd_ms",
+                 "fwd_bwd_max_ms", "peak_mib", "floor_ms", "bound", "note")
+
+
+def _stream_line(r: dict) -> str:
+    """One measured row as a markdown line, printed (and flushed) the moment it is measured."""
+    return (f"| {r['op']} | {r['n']} | {r['impl']} | {r['fwd_min_ms']:.3f} / {r['fwd_ms']:.3f} / {r['fwd_max_ms']:.3f} | "
+            f"{r['fwd_bwd_min_ms']:.3f} / {r['fwd_bwd_ms']:.3f} / {r['fwd_bwd_max_ms']:.3f} | {r['peak_mib']:.1f} | "
+            f"{r['floor_ms']:.3f} | {r.get('note', '')} |")
+
+
 def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_dir: Optional[str] = None,
         with_compile: bool = True, reps: int = 7, ops=OPS, impls: Optional[List[str]] = None, log=print,
-        progress: bool = True):
+        progress: bool = True, variants: Optional[List[str]] = None, explain_missing: bool = False,
+        stream_csv: Optional[str] = None, compile_max: Optional[int] = None, stream: bool = False):
+    """The sweep. ``stream``: print each row as a markdown line the moment it is measured; ``stream_csv``: append
+    it to this CSV (header first), flushed, so a run stopped at any point keeps every row measured so far.
+    ``compile_max``: the torch.compile'd reference only up to this N (each N compiles anew)."""
     unknown = [op for op in ops if op not in OPS]
     if unknown:
         raise ValueError(f"ops: unknown {unknown}; expected some of {OPS}")
+    sink = None
+    if stream_csv:
+        os.makedirs(os.path.dirname(os.path.abspath(stream_csv)), exist_ok=True)
+        fresh = not os.path.exists(stream_csv) or os.path.getsize(stream_csv) == 0
+        sink = open(stream_csv, "a", newline="")
+        writer = csv.DictWriter(sink, fieldnames=STREAM_FIELDS, extrasaction="ignore")
+        if fresh:
+            writer.writeheader()
+            sink.flush()
     peak = matmul_tflops(dev, dtype)
     bw = copy_gbps(dev)
     log(f"# device: {_device_name(dev)}; dtype {str(dtype).replace('torch.', '')}; d = {dim}; "
         f"measured matmul {peak:.1f} TFLOP/s, copy {bw:.0f} GB/s (read + write); {reps} repetitions per row")
+    if stream:
+        log("| op | N | impl | fwd ms (min/med/max) | fwd+bwd ms (min/med/max) | peak extra MiB | floor ms | note |\n"
+            "|---|---|---|---|---|---|---|---|")
     rows = []
-    work = [(op, n, name) for op in ops for n in sizes for name in candidates(op, dev, with_compile)  # lazy
-            if not impls or any(k in name for k in impls)]
+    cand_kw = dict(with_compile=with_compile, variants=variants, explain_missing=explain_missing)
+    work = [(op, n, name) for op in ops for n in sizes for name in candidates(op, dev, **cand_kw)  # lazy
+            if (not impls or any(k in name for k in impls))
+            and not (compile_max is not None and n > compile_max and "compiled" in name)]
     cands, inputs, key = {}, {}, None
     for i, (op, n, name) in enumerate(work):
         if progress:
             _progress(i, len(work), f"{op} N={n} {name}")
         if op not in cands:
-            cands = {op: candidates(op, dev, with_compile)}
+            cands = {op: candidates(op, dev, **cand_kw)}
         if key != (op, n):
             key, inputs = (op, n), make_inputs(op, n, dim, dev, dtype)
         fn = cands[op][name]
@@ -348,12 +448,26 @@ def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_d
                        note="OOM")
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
+            msg = str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {str(e)[:60]}"
             row.update(_stats("fwd", [float("nan")]), **_stats("fwd_bwd", [float("nan")]), peak_mib=float("nan"),
-                       note=f"{type(e).__name__}: {str(e)[:60]}")
+                       note=msg)
         elt = torch.finfo(dtype).bits // 8
         t_flop, t_byte = flops(op, n, dim) / (peak * 1e12), bytes_floor(op, n, dim, elt) / (bw * 1e9)
         row["floor_ms"], row["bound"] = max(t_flop, t_byte) * 1e3, "compute" if t_flop > t_byte else "memory"
         rows.append(row)
+        if stream:
+            log(_stream_line(row))
+            sys.stdout.flush()
+        if sink is not None:
+            writer.writerow(row)
+            sink.flush()
+            os.fsync(sink.fileno())
+    if variants:
+        from .ops import _configs
+
+        _configs.set_variant(None)
+    if sink is not None:
+        sink.close()
     if progress:
         _progress(len(work), len(work), "done")
     _ratios(rows)
@@ -450,3 +564,97 @@ def _device_name(dev):
     import platform
 
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------------------------------ A/B of variants
+def ab_table(rows, arch: str) -> str:
+    """The launch-table A/B: fwd+bwd median per variant for every (op, N), the ratio to "baseline", the best;
+    then the variant with the smallest geometric mean over all of them, as the line to paste into
+    ops/_configs.DEFAULT_VARIANT (a variant with a failed row is not chosen)."""
+    import math
+
+    ab = [r for r in rows if r["impl"].startswith("fastcontrast[triton:")]
+    if not ab:
+        return "no A/B rows"
+    names = list(dict.fromkeys(r["impl"][len("fastcontrast[triton:"):-1] for r in ab))
+    by = {}
+    for r in ab:
+        by.setdefault((r["op"], r["n"]), {})[r["impl"][len("fastcontrast[triton:"):-1]] = r
+    lines = [f"| arch | op | N | " + " | ".join(f"{v} fwd+bwd ms (fwd)" for v in names) + " | best |",
+             "|" + "---|" * (len(names) + 4)]
+    logs = {v: [] for v in names}
+    for (op, n), per in by.items():
+        base = per.get("baseline", {}).get("fwd_bwd_ms", float("nan"))
+        cells, best = [], None
+        for v in names:
+            r = per.get(v)
+            t = r["fwd_bwd_ms"] if r else float("nan")
+            if t == t:
+                logs[v].append(math.log(t))
+                if best is None or t < per[best]["fwd_bwd_ms"]:
+                    best = v
+            else:
+                logs[v].append(float("nan"))
+            ratio = f" ×{base / t:.2f}" if t == t and base == base and v != "baseline" else ""
+            cells.append(f"{t:.3f}{ratio} ({r['fwd_ms']:.3f})" if r and t == t else
+                         f"- ({(r or {}).get('note', 'not run')})")
+        lines.append(f"| {arch} | {op} | {n} | " + " | ".join(cells) + f" | {best or '-'} |")
+    score = {v: sum(x) / len(x) for v, x in logs.items() if x and all(y == y for y in x)}
+    if score:
+        win = min(score, key=score.get)
+        lines.append(f"\nGeometric mean fwd+bwd over the rows: " + ", ".join(
+            f"{v} {math.exp(sc):.3f} ms" for v, sc in sorted(score.items(), key=lambda kv: kv[1])))
+        lines.append(f"Paste into fastcontrast/ops/_configs.py: DEFAULT_VARIANT[{arch!r}] = {win!r}")
+    else:
+        lines.append("\nno variant ran every row: nothing to paste")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m fastcontrast.bench``: the bench with streaming rows and launch-table variants (the options
+    ``python -m fastcontrast bench`` has, plus --variants, --stream-csv, --compile-max, --explain-missing)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastcontrast.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", default="clip,siglip")
+    p.add_argument("--sizes", default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--impls", default=None, help="comma-separated substrings of implementation names to keep")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-max", type=int, default=None, help="torch.compile'd reference only up to this N")
+    p.add_argument("--variants", default=None, help="A/B: the Triton backend once per launch-table variant "
+                   "(comma-separated, or 'all'), nothing else; ends with the per-arch table")
+    p.add_argument("--explain-missing", action="store_true", help="baselines that cannot run stay as rows saying why")
+    p.add_argument("--stream-csv", default=None, help="append each row to this CSV the moment it is measured")
+    p.add_argument("--out", default=None, help="also write bench.csv/bench.md/bench.png here at the end")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    sizes = [int(v) for v in (a.sizes or ("4096,16384,65536" if gpu else "256,512")).split(",")]
+    dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
+    variants = None
+    if a.variants:
+        from .ops._configs import VARIANTS
+
+        variants = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            p.error(f"--variants: unknown {bad}; expected some of {sorted(VARIANTS)}")
+    rows = run(sizes, a.dim or (768 if gpu else 64), dtype, dev, out_dir=a.out, with_compile=not a.no_compile,
+               reps=a.reps, ops=tuple(a.ops.split(",")), impls=a.impls.split(",") if a.impls else None,
+               progress=not a.no_progress, variants=variants, explain_missing=a.explain_missing,
+               stream_csv=a.stream_csv, compile_max=a.compile_max, stream=True)
+    if variants:
+        from .ops._configs import arch_of
+
+        arch = arch_of(dev) if gpu else "interpreter"
+        print("\n## Launch-table A/B (" + _device_name(dev) + ")\n\n" + ab_table(rows, arch), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

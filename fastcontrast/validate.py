@@ -161,17 +161,42 @@ def compare(case: Case, backend: str, dtype: torch.dtype, device: torch.device, 
     return fwd, bwd, grad_names
 
 
-def run_validation(devices=None, dtypes=None, seeds=(0, 1, 2), cases: Optional[List[Case]] = None, out=print):
+_STREAM_WIDTHS = (24, 10, 6, 9, 11, 11, 5, 10)
+
+
+def _stream_row(r) -> str:
+    return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, _STREAM_WIDTHS)) + " |"
+
+
+def run_validation(devices=None, dtypes=None, seeds=(0, 1, 2), cases: Optional[List[Case]] = None, out=print,
+                   stream: bool = False, backends=None):
+    """Every case × backend × dtype against the float64 reference; returns (all passed, rows). ``stream``: each
+    row is printed (and flushed) the moment it is computed, in fixed-width columns, instead of one aligned
+    table at the end, so a run stopped early keeps its rows. ``backends``: only these (default: all)."""
+    import sys
+
     devices = devices or (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
     dtypes = dtypes or [torch.float32, torch.bfloat16]
     cases = cases or default_cases()
+    header = ("op", "backend", "device", "dtype", "fwd rel err", "bwd rel err", "tol", "result")
+    if stream:
+        out(_stream_row(header))
+        out("|" + "|".join("-" * (w + 2) for w in _STREAM_WIDTHS) + "|")
+        sys.stdout.flush()
     rows, ok_all = [], True
+
+    def emit(r):
+        rows.append(r)
+        if stream:
+            out(_stream_row(r))
+            sys.stdout.flush()
+
     for dev in map(torch.device, devices):
         for case in cases:
-            for backend in BACKENDS:
+            for backend in backends or BACKENDS:
                 reason = unavailable_reason(case.op, backend, dev)
                 if reason is not None:  # listed, not hidden: the table says what was not run and why
-                    rows.append((case.name, backend, str(dev), "-", "-", "-", "-", f"skipped: {reason}"))
+                    emit((case.name, backend, str(dev), "-", "-", "-", "-", f"skipped: {reason}"))
                     continue
                 for dt in dtypes:
                     tol = TOL[dt]
@@ -185,16 +210,39 @@ def run_validation(devices=None, dtypes=None, seeds=(0, 1, 2), cases: Optional[L
                         err = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
                     ok = err is None and fwd <= tol and bwd <= tol
                     ok_all &= ok
-                    rows.append((case.name, backend, str(dev), str(dt).replace("torch.", ""),
-                                 f"{fwd:.2e}", f"{bwd:.2e}", f"{tol:.0e}", "pass" if ok else f"FAIL {err or ''}"))
-    header = ("op", "backend", "device", "dtype", "fwd rel err", "bwd rel err", "tol", "result")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    out(line(header))
-    out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        out(line(r))
+                    emit((case.name, backend, str(dev), str(dt).replace("torch.", ""),
+                          f"{fwd:.2e}", f"{bwd:.2e}", f"{tol:.0e}", "pass" if ok else f"FAIL {err or ''}"))
+    if not stream:
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+        out(line(header))
+        out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for r in rows:
+            out(line(r))
     ran = sum(1 for r in rows if not r[-1].startswith("skipped"))
     out(f"\n{'all passed' if ok_all else 'SOME FAILED'}: {ran} rows run, {len(rows) - ran} skipped, seeds {list(seeds)}, "
         "errors are ‖out − ref‖/‖ref‖ against the float64 reference on the same inputs")
     return ok_all, rows
+
+
+def main(argv=None) -> int:
+    """``python -m fastcontrast.validate``: the validation with each row printed as it is computed."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastcontrast.validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", action="append", help="cpu / cuda (repeatable; default: cuda if present, and cpu)")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--backend", action="append", choices=list(BACKENDS), help="only these backends (repeatable)")
+    p.add_argument("--size", default=None, help="n,m,d,k of the cases (default: the ragged 37,53,40,3)")
+    a = p.parse_args(argv)
+    cases = default_cases(*[int(v) for v in a.size.split(",")]) if a.size else None
+    ok, _ = run_validation(devices=a.device, dtypes=[getattr(torch, d) for d in (a.dtype or ["float32", "bfloat16"])],
+                           seeds=tuple(range(a.seeds)), cases=cases, stream=True, backends=a.backend)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

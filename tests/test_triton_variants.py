@@ -35,9 +35,9 @@ def test_every_variant_is_a_full_table():
 def test_variant_selection_env_and_function(monkeypatch):
     monkeypatch.setenv(_configs.ENV_VARIANT, "baseline")
     assert _configs.variant("sm90") == "baseline"
-    _configs.set_variant("hopper_w4")
+    _configs.set_variant("hopper_2cta")
     try:
-        assert _configs.variant("sm90") == "hopper_w4"
+        assert _configs.variant("sm90") == "hopper_2cta"
     finally:
         _configs.set_variant(None)
     monkeypatch.setenv(_configs.ENV_VARIANT, "nope")

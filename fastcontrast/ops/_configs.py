@@ -82,27 +82,34 @@ def _hopper(wide16: dict, flags: dict) -> Dict[str, Dict[Tuple[str, str], dict]]
     """The baseline with every S-tile kernel's 16-bit tile widened to ``wide16`` on sm_90/sm_100 (HGMMA n >= 128;
     sm_80 keeps its tiles) and the structural switches ``flags`` on every arch."""
     hop = {"sm90": wide16, "sm100": wide16}
+    # sm_100's _grad_tile_kernel keeps 128×64: at 128×128 its epilogue (P, Q, G from the TMEM accumulator)
+    # spills 640 B at 255 registers (aot, Triton 3.9); sm_100 has no HGMMA-width requirement
+    narrow100 = ("_grad_tile_kernel",)
     s_tile = ("_lse_fwd_kernel", "_grad_tile_kernel", "_hinge_fwd_kernel", "_hinge_grad_tile_kernel",
               "_hinge_pair_fwd_kernel", "_hinge_pair_grad_tile_kernel", "_softplus_rows_kernel",
               "_sigmoid_grad_tile_kernel")
-    t = {k: ({key: dict(hop.get(key[0], cfg)) if key[1] == "16" else dict(cfg) for key, cfg in by.items()}
+    t = {k: ({key: dict(hop.get(key[0], cfg)) if key[1] == "16" and not (k in narrow100 and key[0] == "sm100")
+              else dict(cfg) for key, cfg in by.items()}
              if k in s_tile else by) for k, by in _BASELINE.items()}
     return _with(t, flags)
 
 
 # Variants of the one launch table: each a complete table, selectable at run time (:func:`set_variant`,
-# FASTCONTRAST_TRITON_VARIANT) so that one GPU session can A/B them (benchmarks/gpu_session.sh, step "ab").
-#   hopper:      128×128×64 S tiles, 8 warps, 4 stages (1 CTA/SM: 128 KB of stages), warm K pipeline, split grid,
-#                grouped backward;
-#   hopper_2cta: the same tiles with 3 stages (96 KB) and maxnreg = 128, so two CTAs fit an SM and one's exp2
-#                epilogue runs beside the other's MMAs;
-#   hopper_w4:   128×128×64 on one warpgroup (4 warps, 3 stages): ≤ 255 registers × 128 threads, two CTAs/SM
-#                without a register cap.
+# FASTCONTRAST_TRITON_VARIANT) so that one GPU session A/Bs them (benchmarks/gpu_session.sh, step "ab"). On sm_90
+# (registers and CTAs/SM: benchmarks/results/triton_aot.md):
+#   hopper_tiles: 128×128×64 S tiles, 8 warps, 4 stages (HGMMA 64x128x16), the baseline's loops and grids:
+#                 the tile alone;
+#   hopper:       those tiles with the warm K pipeline, the split forward grid and the grouped backward order;
+#   hopper_2cta:  64×128×64 on one warpgroup, 4 stages (96 KB): two CTAs per SM by registers (≤ 255 × 128
+#                 threads) and shared memory, so one's exp2 epilogue runs beside the other's MMAs. Two CTAs of
+#                 128×128 do not fit: a register cap of 128 (maxnreg) spills 360-860 B, and 4 warps holding a
+#                 128×128 fp32 accumulator spill 200-1,464 B (aot, Triton 3.9).
 VARIANTS: Dict[str, Dict[str, Dict[Tuple[str, str], dict]]] = {
     "baseline": _BASELINE,
+    "hopper_tiles": _hopper(_WIDE16, dict(_PLAIN, CTAS=1)),
     "hopper": _hopper(_WIDE16, dict(_HOPPER, CTAS=1)),
-    "hopper_2cta": _hopper(dict(_WIDE16, num_stages=3, maxnreg=128), dict(_HOPPER, CTAS=2)),
-    "hopper_w4": _hopper(dict(_WIDE16, num_warps=4, num_stages=3), dict(_HOPPER, CTAS=2)),
+    "hopper_2cta": _hopper(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+                           dict(_HOPPER, CTAS=2)),
 }
 # The variant each arch runs unless told otherwise. sm_80 keeps the measured baseline until an A100 A/B says
 # otherwise; sm_90/sm_100 run the wide tiles (the default until the H200 A/B of issue 17 sets it).

