@@ -166,6 +166,31 @@ def check_labels(labels, n_rows: int, n_cols: int, like: torch.Tensor, diagonal_
     return labels.long()
 
 
+def labels_guard(labels: Optional[torch.Tensor], upper: int):
+    """(indices clamped into [0, upper), bad): ``bad`` is a 0-d bool tensor, True when any index lay outside
+    [0, upper) (negative ones included), or None when there is nothing to guard.
+
+    No host sync: the flag stays on the device and :func:`poison` folds it into the loss, so an invalid index is
+    NaN (loss and every gradient) rather than a plausible number, and the clamped copy is what reaches the
+    kernels (no out-of-bounds load on a GPU, no Python-style wrap of -1 to the last column). In debug mode the
+    caller's check already raised a ValueError for such indices, so nothing is added. Serves labels and any
+    other index argument (group ids mapped to columns, ...)."""
+    if labels is None or _check_values():
+        return labels, None
+    bad = ((labels < 0) | (labels >= upper)).any()
+    return labels.clamp(0, upper - 1), bad
+
+
+def poison(result, *flags: Optional[torch.Tensor]):
+    """``result`` times NaN where any flag of :func:`labels_guard` is set, else times exactly 1 (bit-identical):
+    a multiplication, so the NaN reaches the gradients of every input too (a masked_fill would zero them)."""
+    flags = [f for f in flags if f is not None]
+    if not flags:
+        return result
+    bad = flags[0] if len(flags) == 1 else torch.stack(flags).any()
+    return result * torch.where(bad, float("nan"), 1.0).to(result.dtype)
+
+
 def check_positive_int(name: str, v, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")

@@ -121,3 +121,78 @@ def test_cliploss_module_mismatched_batch():
         fc.ClipLoss(world_size=2, rank=0)(X, Y, 10.0)
     with pytest.raises(ValueError, match="mode must be"):
         fc.ClipLoss(mode="tree")
+
+
+# ------------------------------------------------------------------ invalid labels without a host sync (issue 20)
+def _label_calls():
+    """(name, backend, call(x, y, s, labels)) for every public loss that takes labels, on every backend here."""
+    from fastcontrast import functional as F
+    from fastcontrast.dispatch import available_backends
+
+    calls = {
+        "clip": ("infonce", lambda x, y, s, lab, b: fc.clip_loss(x, y, s, labels=lab, backend=b)),
+        "clip_bias": ("infonce", lambda x, y, s, lab, b: fc.clip_loss(x, y, s, -1.0, labels=lab, backend=b)),
+        "siglip": ("siglip", lambda x, y, s, lab, b: fc.siglip_loss(x, y, s, -1.0, labels=lab, backend=b)),
+        "ce_rows": ("ce_rows", lambda x, y, s, lab, b: F.ce_rows(x, y, s, labels=lab, backend=b)),
+        "oblique": ("infonce", lambda x, y, s, lab, b: fc.oblique_clip_loss(
+            x.reshape(x.shape[0], 2, -1), y.reshape(y.shape[0], 2, -1), s, labels=lab, backend=b)),
+        "adaptive": ("infonce", lambda x, y, s, lab, b: fc.adaptive_temperature_clip_loss(
+            x, y, 1 / s, torch.full((y.shape[0],), 0.3), labels=lab, backend=b)),
+        "max_margin": ("max_margin", lambda x, y, s, lab, b: fc.max_margin_loss(
+            x, y, 0.2 * s, labels=lab, backend=b)),
+    }
+    return [pytest.param(name, b, fn, id=f"{name}-{b}") for name, (op, fn) in calls.items()
+            for b in available_backends(op, "cpu") + ("auto",)]
+
+
+BAD_LABELS = {"negative": [0, 1, 2, 3, 4, -1], "all_minus_one": [-1] * 6, "too_large": [0, 1, 2, 3, 4, 5],
+              "huge": [0, 1, 2, 3, 4, 2 ** 40]}
+
+
+@pytest.mark.parametrize("name,backend,fn", _label_calls())
+def test_invalid_labels_are_nan_without_debug(name, backend, fn):
+    """Debug off: a label outside [0, M) (M = 5 texts for 6 images) makes the loss and every gradient NaN, on every
+    backend (Python-style wrap of -1 to the last column used to give a finite loss); valid labels are untouched."""
+    x, y = torch.randn(6, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    s = torch.tensor(3.0, requires_grad=True)
+    with fc.debug(False):
+        for kind, lab in BAD_LABELS.items():
+            loss = fn(x, y, s, torch.tensor(lab), backend)
+            gx, gy, gs = torch.autograd.grad(loss, [x, y, s], allow_unused=True)
+            assert torch.isnan(loss), f"{name}/{backend}: labels {kind} gave a finite loss {float(loss)}"
+            assert torch.isnan(gx).all() and torch.isnan(gy).all(), f"{name}/{backend}: {kind} left finite grads"
+            assert gs is None or torch.isnan(gs), f"{name}/{backend}: {kind} left a finite scale grad"
+        good = torch.tensor([4, 0, 2, 2, 1, 3])
+        loss = fn(x, y, s, good, backend)
+        ref = fn(x.detach().double(), y.detach().double(), s.detach().double(), good, "reference")
+        assert torch.isfinite(loss) and torch.allclose(loss.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,backend,fn", _label_calls())
+def test_invalid_labels_raise_in_debug(name, backend, fn):
+    x, y = torch.randn(6, 8), torch.randn(5, 8)
+    for lab, shown in (([0, 1, 2, 3, 4, -1], r"\[-1, 4\]"), ([0, 1, 2, 3, 4, 5], r"\[0, 5\]")):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got values in " + shown):
+            fn(x, y, torch.tensor(3.0), torch.tensor(lab), backend)
+
+
+def test_label_guard_has_no_host_sync_and_compiles():
+    """The guard is device-side: no .item() (a CUDA graph could capture it), and torch.compile traces it
+    with no graph break, the flag folded into the compiled loss."""
+    from fastcontrast import _validation as V
+
+    x, y = torch.randn(6, 8), torch.randn(5, 8)
+    with fc.debug(False):
+        lab, bad = V.labels_guard(torch.tensor([0, 1, -1]), 5)
+        assert lab.tolist() == [0, 1, 0] and bad.dim() == 0 and bool(bad)
+        out = torch.tensor(2.0)
+        assert V.poison(out, torch.tensor(False)) is not out and float(V.poison(out, torch.tensor(False))) == 2.0
+
+        def f(x, y, lab):
+            return fc.clip_loss(x, y, 3.0, labels=lab, backend="dense")
+
+        torch.compiler.reset()
+        compiled = torch.compile(f, backend="eager", fullgraph=True)  # fullgraph: a host read would break it
+        assert torch.isnan(compiled(x, y, torch.tensor([0, 1, 2, 3, 4, -1])))
+        good = torch.tensor([0, 1, 2, 3, 4, 0])
+        assert torch.equal(compiled(x, y, good), f(x, y, good))
