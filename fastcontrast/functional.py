@@ -36,7 +36,8 @@ def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backen
     name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0])
     if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (ops/multipos.py)
         return _multipos.infonce_ids(name, x, y, row_scale, col_scale, bias, ids[0], ids[1], normalize, tokens)
-    return impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens)
+    labels, bad = V.labels_guard(labels, y.shape[0])  # out-of-range labels: NaN, not a plausible number
+    return V.poison(impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens), bad)
 
 
 def _ids_or_labels(image_ids, text_ids, labels, n, m, like):
@@ -118,7 +119,8 @@ def siglip_loss(
             return _multipos.siglip_ids_reference(image_features, text_features, scale, bias, ids[0], ids[1],
                                                   weighting)
         return _multipos.siglip_ids(impl, image_features, text_features, scale, bias, ids[0], ids[1], weighting)
-    return impl(image_features, text_features, scale, bias, labels, bool(negative_only))
+    labels, bad = V.labels_guard(labels, m)
+    return V.poison(impl(image_features, text_features, scale, bias, labels, bool(negative_only)), bad)
 
 
 @autocast_aware("a", "b")
@@ -135,7 +137,8 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     bias = _bias(logit_bias, a)
     labels = V.check_labels(labels, a.shape[0], b.shape[0], a)
     _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0])
-    return impl(a, b, scale, bias, labels)
+    labels, bad = V.labels_guard(labels, b.shape[0])
+    return V.poison(impl(a, b, scale, bias, labels), bad)
 
 
 @autocast_aware("image_tokens", "text_tokens")
@@ -251,8 +254,10 @@ def max_margin_loss(
     labels = V.check_labels(labels, n, text_features.shape[0], image_features, diagonal_as_none=True)
     V.check_finite(image_features=image_features, text_features=text_features)
     _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0])
-    return impl(image_features, text_features, margin if not isinstance(margin, torch.Tensor) else margin.detach(),
-                labels, bool(hardest), bool(normalize), reduction)
+    labels, bad = V.labels_guard(labels, text_features.shape[0])
+    return V.poison(impl(image_features, text_features,
+                         margin if not isinstance(margin, torch.Tensor) else margin.detach(),
+                         labels, bool(hardest), bool(normalize), reduction), bad)
 
 
 def mmts_temperature(
