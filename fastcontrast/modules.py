@@ -240,11 +240,13 @@ class ObliqueClipLoss(nn.Module):
 
 
 class _MMTS(nn.Module):
-    """The schedule state shared by the MM-TS losses: τ_i(t) = (α/2)·cos(2πt/P) + sh(c_i)."""
+    """The schedule state shared by the MM-TS losses: τ_i(t) = (α/2)·cos(2πt/P) + sh(c_i); with
+    ``world_size > 1`` the official code's gather of features and τ (:mod:`fastcontrast.ops.adaptive.distributed`)."""
 
     def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
                  c_max: Optional[float] = None, alpha: float = 0.08, num_oscillations: int = 5, s_min: float = 0.05,
-                 s_max: float = 0.20, backend: str = "auto"):
+                 s_max: float = 0.20, backend: str = "auto", *, local_loss: bool = False,
+                 gather_with_grad: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.total_steps, self.c_min, self.c_max = total_steps, c_min, c_max
         self.alpha, self.num_oscillations, self.s_min, self.s_max = alpha, num_oscillations, s_min, s_max
@@ -252,20 +254,30 @@ class _MMTS(nn.Module):
         if total_steps is not None and c_min is not None and c_max is not None:  # fail now, not at step 0
             Fn.mmts_temperature(torch.full((1,), float(c_min)), 0, total_steps, c_min, c_max, alpha,
                                 num_oscillations, s_min, s_max)
+        self.world_size = V.check_positive_int("world_size", world_size)
+        self.rank = V.check_positive_int("rank", rank, minimum=0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must lie in [0, world_size) = [0, {self.world_size}), got {self.rank}")
+        self.local_loss, self.gather_with_grad = bool(local_loss), bool(gather_with_grad)
+        self._checked_batch = None  # the local size the ranks last agreed on (host state)
 
     # The published MM-TS run (SergShel/MM-TS avion/README.md:100-105, the fine-tuning command; the README's
     # argument table :130-133 gives the same values as the defaults of every --loss-type); the argparse defaults
-    # (0.08, [0.05, 0.20]) are this class's constructor defaults.
+    # (0.08, [0.05, 0.20]) are this class's constructor defaults. That run (4 ranks, torchrun) gathers with
+    # gradient: main_lavila_finetune_mir.py:124-130 sets --gather-with-grad by default and passes it to the
+    # loss (:590-595); the loss classes' own constructor default is False (losses.py:145-146, 334-335).
     PUBLISHED = {"alpha": 0.2, "num_oscillations": 5, "s_min": 0.17, "s_max": 0.30}
 
     @classmethod
     def published(cls, total_steps: Optional[int] = None, c_min: Optional[float] = None,
                   c_max: Optional[float] = None, **kwargs):
         """The loss with the published run's schedule: α = 0.2, 5 oscillations, shifts in [0.17, 0.30]
-        (avion/README.md:100-105, 130-133). Other constructor arguments pass through."""
+        (avion/README.md:100-105, 130-133), and its ``gather_with_grad=True`` (the training script's default;
+        matters with ``world_size > 1``). Other constructor arguments pass through."""
         clash = set(kwargs) & set(cls.PUBLISHED)
         if clash:
             raise ValueError(f"published() fixes {sorted(clash)}; construct the class directly to change them")
+        kwargs.setdefault("gather_with_grad", True)
         return cls(total_steps, c_min, c_max, **cls.PUBLISHED, **kwargs)
 
     def temperatures(self, cluster_sizes=None, step=0, total_steps=None, tau=None) -> torch.Tensor:
@@ -285,6 +297,31 @@ class _MMTS(nn.Module):
         return Fn.mmts_temperature(cluster_sizes, step, total, self.c_min, self.c_max, self.alpha,
                                    self.num_oscillations, self.s_min, self.s_max)
 
+    def _distributed_tau(self, image_features, text_features, t, name) -> torch.Tensor:
+        """Checks on this rank first (a bad input fails where it is, before any collective), then that every
+        rank holds the same local batch: one collective per new local size, not per step. Returns τ (n,)."""
+        import torch.distributed as dist
+
+        from . import distributed as D
+
+        V.check_features("image_features", image_features, 2)
+        V.check_features("text_features", text_features, 2)
+        V.check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"world_size={self.world_size} needs torch.distributed: call "
+                               "dist.init_process_group first")
+        if (dist.get_world_size(), dist.get_rank()) != (self.world_size, self.rank):
+            raise ValueError(f"rank={self.rank}, world_size={self.world_size} disagree with torch.distributed "
+                             f"(rank {dist.get_rank()} of {dist.get_world_size()})")
+        n = image_features.shape[0]
+        if not isinstance(t, torch.Tensor) or t.numel() == 1 and n != 1:  # one τ for every pair
+            t = V.as_scalar_tensor(name, t, image_features).expand(n).contiguous()
+        t = V.check_vector(name, t, n, image_features)  # cluster_sizes: one per local pair, on the features' device
+        if self._checked_batch != n:
+            D.check_equal_local_batches(n)
+            self._checked_batch = n
+        return t
+
 
 class MMTSClipLoss(_MMTS):
     """MM-TS InfoNCE (the authors' ``MMTSClipLoss``): ½[CE(X Yᵀ/τ_i) + CE(Y Xᵀ/τ_i)], τ_i(t) per pair.
@@ -294,20 +331,37 @@ class MMTSClipLoss(_MMTS):
     c_min/c_max the dataset's smallest and largest cluster; or pass ``tau`` (N,) directly. Features are used as
     given (the official code feeds normalised embeddings); ``normalize=True`` normalises inside.
     Defaults are the paper's: α = 0.08, 5 oscillations per run, shifts in [0.05, 0.20].
+
+    Under torch.distributed (``world_size > 1``, ``rank``) as the official code (losses.py:195-218), N being the
+    local batch, equal on every rank: ``local_loss=False`` gathers features and τ and returns the global-batch
+    loss on every rank (one process's loss on the concatenated batch); ``local_loss=True`` this rank's rows
+    against the gathered other side with this rank's τ, positives at N·rank + i (the ranks' mean is the global
+    loss). ``gather_with_grad`` as open_clip: True sums every rank's gradient into the local features (each gets
+    world_size × ∂L/∂x, DDP's averaging then yields ∂L/∂θ; the authors' runs); False (the constructor default,
+    as the official class's) keeps only the local slice in the graph.
     """
 
     def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
                  c_max: Optional[float] = None, alpha: float = 0.08,
                  num_oscillations: int = 5, s_min: float = 0.05, s_max: float = 0.20, normalize: bool = False,
-                 backend: str = "auto"):
-        super().__init__(total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend)
+                 backend: str = "auto", *, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend,
+                         local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
         self.normalize = normalize
 
     def forward(self, image_features, text_features, step=0, cluster_sizes=None, total_steps=None, tau=None,
                 output_dict: bool = False):
         t = self.temperatures(cluster_sizes, step, total_steps, tau)
-        loss = Fn.adaptive_temperature_clip_loss(image_features, text_features, t, t, normalize=self.normalize,
-                                                 backend=self.backend)
+        if self.world_size > 1:
+            from .ops.adaptive import distributed as AD
+
+            t = self._distributed_tau(image_features, text_features, t, "tau" if tau is not None else "cluster_sizes")
+            loss = AD.mmts_clip_loss(image_features, text_features, t, self.rank, self.local_loss,
+                                     self.gather_with_grad, self.normalize, self.backend)
+        else:
+            loss = Fn.adaptive_temperature_clip_loss(image_features, text_features, t, t, normalize=self.normalize,
+                                                     backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -315,13 +369,36 @@ class MMTSMaxMarginLoss(_MMTS):
     """MM-TS max-margin (the authors' ``MMTSMaxMarginRankingLoss``): margin m_i = τ_i(t), hinge in both
     directions over all negatives, mean over the 2N(N−1) terms; features normalised (``fix_norm``).
 
-    ``forward(image_features, text_features, step, cluster_sizes=None, total_steps=None, tau=None)``.
+    ``forward(image_features, text_features, step, cluster_sizes=None, total_steps=None, tau=None)``. Under
+    torch.distributed (``world_size > 1``, ``rank``) as the official code (losses.py:379-428): features and
+    margins gathered, the hinge over the global batch on every rank (one process's loss on the concatenated
+    batch), ``local_loss`` changing only the gather; ``gather_with_grad`` as in :class:`MMTSClipLoss`.
+    ``local_loss=True`` with ``gather_with_grad=False`` is refused: the official loss has no gradient there.
     """
+
+    def __init__(self, total_steps: Optional[int] = None, c_min: Optional[float] = None,
+                 c_max: Optional[float] = None, alpha: float = 0.08, num_oscillations: int = 5, s_min: float = 0.05,
+                 s_max: float = 0.20, backend: str = "auto", *, local_loss: bool = False,
+                 gather_with_grad: bool = False, rank: int = 0, world_size: int = 1):
+        super().__init__(total_steps, c_min, c_max, alpha, num_oscillations, s_min, s_max, backend,
+                         local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        if self.world_size > 1 and self.local_loss and not self.gather_with_grad:
+            raise ValueError(
+                "local_loss=True with gather_with_grad=False: the official MMTSMaxMarginRankingLoss then gathers "
+                "every feature without gradient and keeps no local slice (losses.py:55-64), so its loss trains "
+                "nothing; use gather_with_grad=True (the authors' runs) or local_loss=False")
 
     def forward(self, image_features, text_features, step=0, cluster_sizes=None, total_steps=None, tau=None,
                 output_dict: bool = False):
         m = self.temperatures(cluster_sizes, step, total_steps, tau)
-        loss = Fn.max_margin_loss(image_features, text_features, m, normalize=True, backend=self.backend)
+        if self.world_size > 1:
+            from .ops.adaptive import distributed as AD
+
+            m = self._distributed_tau(image_features, text_features, m, "tau" if tau is not None else "cluster_sizes")
+            loss = AD.mmts_max_margin_loss(image_features, text_features, m, self.local_loss,
+                                           self.gather_with_grad, self.backend)
+        else:
+            loss = Fn.max_margin_loss(image_features, text_features, m, normalize=True, backend=self.backend)
         return {"margin_loss": loss} if output_dict else loss
 
 
