@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation as V
+from ._amp import autocast_aware
 from .ops import _tiles as T
+from .ops import multipos as MP
 from .ops.infonce.function import _lse_backward_slabs, _lse_pair_impl
 
 
@@ -33,15 +35,17 @@ def _world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def check_equal_local_batches(n_local: int, group=None) -> None:
-    """All ranks must hold the same number of pairs (all_gather needs it, and pairs i↔i must share a rank)."""
+def check_equal_local_batches(n_local, group=None) -> None:
+    """All ranks must hold the same local sizes (all_gather needs it, pairs i↔i must share a rank, and a ring's
+    receive buffers are shaped like the sender's block). ``n_local``: an int, or a tuple of ints (e.g. images,
+    texts, feature width) compared as a whole. Every rank raises the same ValueError, so none is left waiting."""
     _, world = _world(group)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    mine = torch.tensor([n_local], dtype=torch.int64)
+    mine = torch.tensor(list(n_local) if isinstance(n_local, (tuple, list)) else [n_local], dtype=torch.int64)
+    sizes = [torch.zeros_like(mine) for _ in range(world)]
     if dist.get_backend(group) == "nccl":
         mine, sizes = mine.cuda(), [s.cuda() for s in sizes]
     dist.all_gather(sizes, mine, group=group)
-    got = [int(s) for s in sizes]
+    got = [tuple(int(v) for v in s) if s.numel() > 1 else int(s) for s in sizes]
     if len(set(got)) != 1:
         raise ValueError(f"local batches differ across ranks ({got}); every rank must hold the same number of "
                          "image-text pairs (drop the last uneven batch, e.g. DataLoader(drop_last=True))")
@@ -94,37 +98,104 @@ def gather_features(image_features: Tensor, text_features: Tensor, local_loss: b
     return torch.cat(imgs), torch.cat(txts)
 
 
+# ------------------------------------------------------------------------------------------------------- P2P
+_COMM_STREAMS = {}
+
+
+def _comm_stream(device: torch.device):
+    """The side stream this device's ring transfers are issued on (NCCL only; one per device, made once)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    s = _COMM_STREAMS.get(key)
+    if s is None:
+        s = _COMM_STREAMS[key] = torch.cuda.Stream(device=torch.device("cuda", key))
+    return s
+
+
+class _Pending:
+    """Transfers in flight; :meth:`wait` makes their results safe to read on the current stream."""
+
+    def __init__(self, reqs, stream=None):
+        self.reqs, self.stream = reqs, stream
+
+    def wait(self) -> None:
+        for r in self.reqs:
+            r.wait()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self.reqs = []
+
+
+def _post(ops, group, device: torch.device) -> _Pending:
+    """Start point-to-point transfers without waiting: ``ops`` = [(send?, tensor, peer (rank in group), tag)].
+
+    One ``batch_isend_irecv`` (a single NCCL group call). Every rank posts the same sequence, so sends and
+    receives between two ranks pair up in order (gloo also matches the tags). On NCCL they are issued from a side
+    stream that first waits for the tensors to be written, so the block compute that follows on the current stream
+    runs beside them; the received tensors are read only after :meth:`_Pending.wait`."""
+    if not ops:
+        return _Pending([])
+    p2p = [dist.P2POp(dist.isend if send else dist.irecv, t, _global_rank(group, peer), group=group, tag=tag)
+           for send, t, peer, tag in ops]
+    return _launch(lambda: dist.batch_isend_irecv(p2p), [t for _, t, _, _ in ops], group, device)
+
+
+def _global_rank(group, r: int) -> int:
+    return r if group is None else dist.get_global_rank(group, r)
+
+
+def _launch(issue, tensors: List[Tensor], group, device: torch.device) -> _Pending:
+    """``issue()`` (returning its async works), on the side stream on NCCL, so the caller's compute overlaps it."""
+    if device.type == "cuda" and dist.get_backend(group) == "nccl":
+        stream = _comm_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # what is sent has been written
+        with torch.cuda.stream(stream):
+            reqs = issue()
+        for t in tensors:  # the caching allocator must not hand these out while the side stream uses them
+            t.record_stream(stream)
+        return _Pending(list(reqs), stream)
+    return _Pending(list(issue()))
+
+
+def _shift_ops(send: List[Tensor], recv: List[Tensor], to: int, frm: int, tag: int):
+    return [(True, t, to, tag + i) for i, t in enumerate(send)] + [(False, t, frm, tag + i) for i, t in enumerate(recv)]
+
+
 # ------------------------------------------------------------------------------------------------------ ring
-def _shift(tensors: List[Tensor], rank: int, world: int, group) -> List[Tensor]:
-    """Send each tensor to rank+1 and receive the same shapes from rank−1 (one ring step)."""
-    nxt, prv = (rank + 1) % world, (rank - 1) % world
-    out = [torch.empty_like(t) for t in tensors]
-    reqs = []
-    for t, o in zip(tensors, out):
-        reqs.append(dist.isend(t.contiguous(), dist.get_global_rank(group, nxt) if group else nxt, group=group))
-        reqs.append(dist.irecv(o, dist.get_global_rank(group, prv) if group else prv, group=group))
-    for r in reqs:
-        r.wait()
-    return out
-
-
 class _RingInfoNCE(torch.autograd.Function):
+    """The CLIP ring. Step k: rank r scores block r−k. The next block's transfer is posted before the block's
+    compute and waited after it; the block's column statistics (forward) and gradient accumulator (backward)
+    change with the compute, so they travel one step later, in the same posted batch as the next block."""
+
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, group):
         rank, world = _world(group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
         n = x.shape[0]
         acc = T.acc_dtype(x)
         a = scale.to(acc).expand(n).contiguous()
         b = bias.to(acc)
         lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
-        blk, col = y, torch.full((n,), float("-inf"), dtype=acc, device=x.device)
+        blk, col = y.contiguous(), None  # col: the accumulated column lse of the block held one step ago
         for step in range(world):
+            ops, nblk, ncol = [], None, None
+            if step < world - 1:  # the next block, while this one is scored
+                nblk = torch.empty_like(blk)
+                ops += _shift_ops([blk], [nblk], nxt, prv, 0)
+            if step > 0:  # the statistics of this block, accumulated by the ranks it visited before
+                ncol = torch.empty_like(col)
+                ops += _shift_ops([col], [ncol], nxt, prv, 1)
+            pending = _post(ops, group, x.device)
             lr, lc = _lse_pair_impl(x, blk, a, a, b, False, 1, "auto")
             lse_r = torch.logaddexp(lse_r, lr.to(acc))
-            col = torch.logaddexp(col, lc.to(acc))
-            if step < world - 1:
-                blk, col = _shift([blk, col], rank, world, group)
-        (lse_c,) = _shift([col], rank, world, group) if world > 1 else (col,)  # home after a full turn
+            pending.wait()
+            col = lc.to(acc) if ncol is None else torch.logaddexp(ncol, lc.to(acc))
+            if nblk is not None:
+                blk = nblk
+        if world > 1:  # block r+1's statistics go home; block r's arrive after their full turn
+            lse_c = torch.empty_like(col)
+            _post(_shift_ops([col], [lse_c], nxt, prv, 1), group, x.device).wait()
+        else:
+            lse_c = col
         pos = (x.to(acc) * y.to(acc)).sum(dim=1)
         local = (lse_r - a * pos - b).sum() + (lse_c - a * pos - b).sum()
         total = local.detach().clone()
@@ -138,6 +209,7 @@ class _RingInfoNCE(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, y, a, b, lse_r, lse_c, pos = ctx.saved_tensors
         rank, world = _world(ctx.group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
         n = x.shape[0]
         acc = a.dtype
         # world× so that DDP's averaging of parameter gradients gives the global loss's gradient
@@ -145,15 +217,28 @@ class _RingInfoNCE(torch.autograd.Function):
         use_triton = T.triton_ok(x)
         dx = torch.zeros(n, x.shape[1], dtype=acc, device=x.device)
         da_total = torch.zeros((), dtype=acc, device=x.device)
-        blk, blk_lse, blk_dy = y, lse_c, torch.zeros(n, y.shape[1], dtype=acc, device=x.device)
+        blk, blk_lse, blk_dy = y.contiguous(), lse_c, None
         for step in range(world):
+            ops, nblk, nlse, ndy = [], None, None, None
+            if step < world - 1:
+                nblk, nlse = torch.empty_like(blk), torch.empty_like(blk_lse)
+                ops += _shift_ops([blk, blk_lse], [nblk, nlse], nxt, prv, 0)
+            if step > 0:
+                ndy = torch.empty_like(blk_dy)
+                ops += _shift_ops([blk_dy], [ndy], nxt, prv, 2)
+            pending = _post(ops, ctx.group, x.device)
             dxh, dyh, da, dc = _lse_backward_slabs(w, w, x, blk, a, a, b, lse_r, blk_lse, False, 1, use_triton)
             dx += dxh
-            blk_dy = blk_dy + dyh
             da_total = da_total + da.sum() + dc.sum()
-            if step < world - 1:
-                blk, blk_lse, blk_dy = _shift([blk, blk_lse, blk_dy], rank, world, ctx.group)
-        (dy,) = _shift([blk_dy], rank, world, ctx.group) if world > 1 else (blk_dy,)
+            pending.wait()
+            blk_dy = dyh.to(acc) if ndy is None else ndy + dyh
+            if nblk is not None:
+                blk, blk_lse = nblk, nlse
+        if world > 1:
+            dy = torch.empty_like(blk_dy)
+            _post(_shift_ops([blk_dy], [dy], nxt, prv, 2), ctx.group, x.device).wait()
+        else:
+            dy = blk_dy
         # the positive terms −a·pos appear once in each direction
         dx = dx - (2 * w * a)[:, None] * y.to(acc)
         dy = dy - (2 * w * a)[:, None] * x.to(acc)
@@ -185,6 +270,315 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
 
 def ring_available(group: Optional[object] = None) -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+# --------------------------------------------------------------------------------------------------- SigLIP
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+_TAG_R, _TAG_L, _TAG_GR, _TAG_GL = 0, 8, 16, 24  # message kinds (gloo matches tags; every rank posts one order)
+
+
+def _siglip_block(impl, x: Tensor, yb: Tensor, s: Tensor, b: Tensor, own: bool, ids) -> Tensor:
+    """(1/N) Σ_ij −log σ(z_ij (s⟨x_i, y_j⟩ + b)): this rank's N images against one text block yb (M_b, D).
+
+    Without ids (``ids`` None) z = +1 only on the diagonal of the own block; another rank's block is all
+    negatives (open_clip's ``negative_only``). With ``ids = (image_ids, block_text_ids, r, c)``: z = +1 where the
+    ids are equal, in every block, and r (N,), c (M_b,) are SigLIP+'s 1/k_i, 1/k'_j from the global counts
+    (None for weighting "none"). The all-pairs softplus sum is the backend's siglip op; the positives' terms
+    are group sums (ops/multipos.py), so no N×M_b mask exists."""
+    if ids is None:
+        return impl(x, yb, s, b, None, not own)
+    iid, tid, r, c = ids
+    acc = T.acc_dtype(x)
+    n = x.shape[0]
+    sa, ba = s.to(acc), b.to(acc)
+    every = impl(x, yb, s, b, None, True)
+    xa, ya = x.to(acc), yb.to(acc)
+    y_sum, k_row = MP.group_sums(iid, tid, ya)  # the block's positives of each image: Σ y_j, their number
+    if r is None:
+        return every - (sa * (xa * y_sum).sum() + ba * k_row.sum()) / n
+    x_sum, k_col = MP.group_sums(tid, iid, xa)
+    linear = 0.5 * ((r * (sa * (xa * y_sum).sum(dim=1) + ba * k_row)).sum()
+                    + (c * (sa * (ya * x_sum).sum(dim=1) + ba * k_col)).sum())
+    nonlinear = MP._PositiveSoftplus.apply(x, yb, sa, ba, iid, tid, r, c)
+    return every + (nonlinear - linear) / n
+
+
+def _parts(y: Tensor, tid: Optional[Tensor], c: Optional[Tensor]) -> List[Tensor]:
+    """What travels as one text block: the features, and with ids their ids and SigLIP+ weights."""
+    return [t.contiguous() for t in (y, tid, c) if t is not None]
+
+
+def _score(impl, x, s, b, iid, r, parts: List[Tensor], own: bool) -> Tensor:
+    ids = None if iid is None else (iid, parts[1], r, parts[2] if r is not None else None)
+    return _siglip_block(impl, x, parts[0], s, b, own, ids)
+
+
+def _block_grads(impl, x, parts, s, b, own, iid, r, g):
+    """The block's loss recomputed with autograd (the op's own backward): gradients to x, the block, s, b."""
+    with torch.enable_grad():
+        xg, yg, sg, bg = (t.detach().requires_grad_() for t in (x, parts[0], s, b))
+        loss = _score(impl, xg, sg, bg, iid, r, [yg] + parts[1:], own)
+        return torch.autograd.grad(loss, (xg, yg, sg, bg), g)
+
+
+def _empties(parts: List[Tensor]) -> List[Tensor]:
+    return [torch.empty_like(t) for t in parts]
+
+
+def _bcast(parts: List[Tensor], src: int, group, device) -> _Pending:
+    return _launch(lambda: [dist.broadcast(t, _global_rank(group, src), group=group, async_op=True) for t in parts],
+                   parts, group, device)
+
+
+def _reduce_to(t: Tensor, dst: int, group, device) -> _Pending:
+    return _launch(lambda: [dist.reduce(t, _global_rank(group, dst), group=group, async_op=True)], [t], group,
+                   device)
+
+
+def _ring_step(k, k_r, k_l, cur_r, cur_l, right, left, group, device):
+    """Post step k's transfers: the right-moving block to the right, the left-moving one to the left."""
+    ops, nr, nl = [], None, None
+    if k <= k_r:
+        nr = _empties(cur_r)
+        ops += _shift_ops(cur_r, nr, right, left, _TAG_R)
+    if k <= k_l:
+        nl = _empties(cur_l)
+        ops += _shift_ops(cur_l, nl, left, right, _TAG_L)
+    return _post(ops, group, device), nr, nl
+
+
+class _SigLipBlocks(torch.autograd.Function):
+    """open_clip's distributed SigLIP (each rank: its images against every rank's text block, positives on its
+    own) with one block in memory at a time, forward and backward.
+
+    ``plan`` = ("ring", K_R, K_L): text blocks hop to the right neighbour K_R times and to the left one K_L
+    times (shift: W−1, 0; bidir: ⌈(W−1)/2⌉, ⌊(W−1)/2⌋), so rank r scores blocks r−1..r−K_R and r+1..r+K_L.
+    ("reduce",): block i reaches every rank by a collective from rank i (open_clip all-reduces the block masked
+    to rank i: a broadcast), its gradient goes back summed to rank i (open_clip's all-reduce backward).
+
+    Backward recomputes every block (its op's own backward under enable_grad); only the last block of each ring
+    direction is kept from the forward. The ring's gradient runs open_clip's NeighbourExchange backward:
+    G_k(r) = g_k(r) + G_{k+1}(r+1) (g_k(r): rank r's gradient for the block it scored at step k; mirrored for
+    the left-moving blocks), the blocks and G moving one hop back per step, so G_1 reaches the owner. Each
+    step's transfers are posted before the block's compute and waited after it; a step's G, which the compute
+    produces, travels with the next step's block.
+
+    Returns this rank's loss (1/N) Σ over its images and all texts, open_clip's value; its text features get
+    Σ_s ∂L_s/∂y_r (every rank's loss), its images, scale and bias ∂L_r, as open_clip's autograd gives."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, iid, tid, r, c, impl, plan, group):
+        rank, world = _world(group)
+        ctx.impl, ctx.plan, ctx.group = impl, plan, group
+        ctx.ids, ctx.weighted = iid is not None, r is not None
+        own = _parts(y, tid, c)
+        acc = T.acc_dtype(x)
+
+        def score(parts, is_own):
+            return _score(impl, x, scale, bias, iid, r, parts, is_own).to(acc)
+
+        if plan[0] == "reduce":
+            bufs = [own if i == rank else None for i in range(world)]
+
+            def fetch(i):
+                bufs[i] = bufs[i] if bufs[i] is not None else _empties(own)
+                return _bcast(bufs[i], i, group, x.device)
+
+            pending = fetch(0)
+            total = score(own, True)
+            for i in range(world):
+                pending.wait()
+                if i + 1 < world:  # the next block travels while this one is scored
+                    pending = fetch(i + 1)
+                if i != rank:
+                    total = total + score(bufs[i], False)
+                bufs[i] = None
+            ctx.last = (None, None)
+        else:
+            _, k_r, k_l = plan
+            right, left = (rank + 1) % world, (rank - 1) % world
+            cur_r = cur_l = own
+            pending, nr, nl = _ring_step(1, k_r, k_l, cur_r, cur_l, right, left, group, x.device)
+            total = score(own, True)
+            for k in range(1, max(k_r, k_l) + 1):
+                pending.wait()
+                cur_r = nr if k <= k_r else cur_r
+                cur_l = nl if k <= k_l else cur_l
+                pending, nr, nl = _ring_step(k + 1, k_r, k_l, cur_r, cur_l, right, left, group, x.device)
+                if k <= k_l:
+                    total = total + score(cur_l, False)
+                if k <= k_r:
+                    total = total + score(cur_r, False)
+            ctx.last = (cur_r if k_r else None, cur_l if k_l else None)
+        ctx.save_for_backward(x, y, scale, bias, *(t for t in (iid, tid, r, c) if t is not None))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, scale, bias, *extra = ctx.saved_tensors
+        iid, tid = (extra[0], extra[1]) if ctx.ids else (None, None)
+        r, c = (extra[2], extra[3]) if ctx.weighted else (None, None)
+        group, dev = ctx.group, x.device
+        rank, world = _world(group)
+        acc = T.acc_dtype(x)
+        dx = torch.zeros(x.shape, dtype=acc, device=dev)
+        dsb = [torch.zeros((), dtype=acc, device=dev), torch.zeros((), dtype=acc, device=dev)]
+        own = _parts(y, tid, c)
+
+        def grad(parts, is_own):  # this rank's loss's gradient for the block; dx, ds, db are summed here
+            gx, gy, gs, gb = _block_grads(ctx.impl, x, parts, scale, bias, is_own, iid, r, g)
+            dx.add_(gx.to(acc))
+            dsb[0] = dsb[0] + gs.to(acc).sum()
+            dsb[1] = dsb[1] + gb.to(acc).sum()
+            return gy.to(acc).contiguous()
+
+        if ctx.plan[0] == "reduce":
+            bufs = [own if i == rank else None for i in range(world)]
+
+            def fetch(i):
+                bufs[i] = bufs[i] if bufs[i] is not None else _empties(own)
+                return _bcast(bufs[i], i, group, dev)
+
+            pending, prev, dy = fetch(0), None, None
+            for i in range(world):
+                pending.wait()
+                if i + 1 < world:
+                    pending = fetch(i + 1)
+                gy = grad(bufs[i], i == rank)
+                bufs[i] = None
+                red = (_reduce_to(gy, i, group, dev), gy, i)  # block i's gradients summed at its owner
+                if prev is not None:
+                    prev[0].wait()
+                    dy = prev[1] if prev[2] == rank else dy
+                prev = red
+            prev[0].wait()
+            dy = prev[1] if prev[2] == rank else dy
+        else:
+            _, k_r, k_l = ctx.plan
+            right, left = (rank + 1) % world, (rank - 1) % world
+            cur_r, cur_l = ctx.last
+            ctx.last = None
+            mine_r = mine_l = None  # G_{k+1} of this rank, computed in the previous iteration
+            for k in range(max(k_r, k_l), 0, -1):
+                ops, nr, nl, in_r, in_l = [], None, None, None, None
+                if k <= k_r:
+                    if k > 1:  # block r−k+1, which the right neighbour holds now, is scored next
+                        nr = _empties(cur_r)
+                        ops += _shift_ops(cur_r, nr, left, right, _TAG_R)
+                    if k < k_r:
+                        in_r = torch.empty_like(mine_r)
+                        ops += _shift_ops([mine_r], [in_r], left, right, _TAG_GR)
+                if k <= k_l:
+                    if k > 1:
+                        nl = _empties(cur_l)
+                        ops += _shift_ops(cur_l, nl, right, left, _TAG_L)
+                    if k < k_l:
+                        in_l = torch.empty_like(mine_l)
+                        ops += _shift_ops([mine_l], [in_l], right, left, _TAG_GL)
+                pending = _post(ops, group, dev)
+                g_l = grad(cur_l, False) if k <= k_l else None
+                g_r = grad(cur_r, False) if k <= k_r else None
+                pending.wait()
+                if g_r is not None:
+                    mine_r, cur_r = (g_r if in_r is None else g_r + in_r), nr
+                if g_l is not None:
+                    mine_l, cur_l = (g_l if in_l is None else g_l + in_l), nl
+            ops, home_r, home_l = [], None, None  # G_1 goes to the block's owner
+            if k_r:
+                home_r = torch.empty_like(mine_r)
+                ops += _shift_ops([mine_r], [home_r], left, right, _TAG_GR)
+            if k_l:
+                home_l = torch.empty_like(mine_l)
+                ops += _shift_ops([mine_l], [home_l], right, left, _TAG_GL)
+            pending = _post(ops, group, dev)
+            dy = grad(own, True)
+            pending.wait()
+            for h in (home_r, home_l):
+                if h is not None:
+                    dy = dy + h
+        need = ctx.needs_input_grad
+        return (dx.to(x.dtype) if need[0] else None, dy.to(y.dtype) if need[1] else None,
+                dsb[0].to(scale.dtype).reshape(scale.shape) if need[2] else None,
+                dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None) + (None,) * 7
+
+
+def _plan(dist_impl: str, world: int):
+    if dist_impl == "shift":
+        return ("ring", world - 1, 0)
+    if dist_impl == "bidir":  # open_clip: ⌊(W−1)/2⌋ two-way exchanges, then one shift if W−1 is odd
+        k_l = (world - 1) // 2
+        return ("ring", k_l + (world - 1) % 2, k_l)
+    return ("reduce",)
+
+
+def _all_ids(ids: Tensor, group) -> Tensor:
+    _, world = _world(group)
+    out = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(out, ids.contiguous(), group=group)
+    return torch.cat(out)
+
+
+@autocast_aware("image_features", "text_features")
+def siglip_distributed_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                            dist_impl: str = "bidir", image_ids: Optional[Tensor] = None,
+                            text_ids: Optional[Tensor] = None, weighting: str = "none", backend: str = "auto",
+                            group=None) -> Tensor:
+    """open_clip's distributed SigLIP loss of this rank: L_r = −(1/N) Σ_{i∈r} Σ_{j∈all ranks} log σ(z_ij u_ij),
+    u = s⟨x_i, y_j⟩ + b, z = +1 on the pairs of this rank's diagonal (or, with ids, where ids are equal).
+
+    image_features (N, D), text_features (M, D) (N = M without ids), the same sizes on every rank; returns the
+    0-d local loss (the mean over ranks is the loss of one process on the concatenated batch). Gradients as
+    open_clip's: text features get Σ_s ∂L_s/∂y_r, so DDP's averaging gives the global loss's gradient.
+    ``dist_impl``: "bidir"/"shift" pass text blocks neighbour to neighbour (both ways / one way), "reduce"
+    sends each block by a collective from its owner; all three hold one block (two while one travels), forward
+    and backward, each scored by the fused siglip op, transfers overlapped with the block compute. "gather"
+    all-gathers the texts (memory grows with the world size). ``image_ids``/``text_ids``/``weighting`` as in
+    :func:`fastcontrast.siglip_loss`, the ids travelling with their block; "inverse_count" counts every rank's
+    ids (one all-gather of the ids).
+    """
+    from .dispatch import resolve
+
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+    if dist_impl not in SIGLIP_DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {', '.join(SIGLIP_DIST_IMPLS)}; got {dist_impl!r}")
+    if weighting not in ("none", "inverse_count"):
+        raise ValueError(f"weighting must be 'none' or 'inverse_count' (SigLIP+), got {weighting!r}")
+    x, y = image_features, text_features
+    n, m = x.shape[0], y.shape[0]
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, x)
+    bias = torch.zeros((), device=x.device) if logit_bias is None else \
+        V.as_scalar_tensor("logit_bias", logit_bias, x, positive=False)
+    iid, tid = MP.check_ids(image_ids, text_ids, n, m, x)
+    if iid is None and weighting != "none":
+        raise ValueError("weighting='inverse_count' needs image_ids and text_ids (the groups of positives)")
+    rank, world = _world(group)
+    # every rank, every call: a ring fed uneven blocks would hang, and so would a check only some ranks make
+    check_equal_local_batches((n, m, x.shape[1]), group)
+    if iid is None and n != m:
+        raise ValueError(f"SigLipLoss pairs image i with text i: got {n} images and {m} texts per rank "
+                         "(use image_ids/text_ids for other pairings)")
+    V.check_finite(image_features=x, text_features=y)
+    r = c = None
+    if weighting == "inverse_count":  # k_i, k'_j count the positives on every rank
+        with torch.no_grad():
+            acc = T.acc_dtype(x)
+            all_iid, all_tid = _all_ids(iid, group), _all_ids(tid, group)
+            _, k_row = MP.group_sums(iid, all_tid, torch.ones(all_tid.shape[0], 1, dtype=acc, device=x.device))
+            _, k_col = MP.group_sums(tid, all_iid, torch.ones(all_iid.shape[0], 1, dtype=acc, device=x.device))
+            r, c = 1.0 / k_row.clamp_min(1), 1.0 / k_col.clamp_min(1)
+    if dist_impl == "gather":  # open_clip's: every rank's texts at once, through an all-gather with gradient
+        _, impl = resolve("siglip", backend, x.device, n * m * world)
+        all_y = all_gather_with_grad(y, group)
+        if iid is None:
+            labels = torch.arange(n, device=x.device) + n * rank
+            return impl(x, all_y, scale, bias, labels, False)
+        all_tid = _all_ids(tid, group)
+        all_c = None if c is None else _all_ids(c, group)
+        return _siglip_block(impl, x, all_y, scale, bias, True, (iid, all_tid, r, all_c))
+    _, impl = resolve("siglip", backend, x.device, n * m)
+    return _SigLipBlocks.apply(x, y, scale, bias, iid, tid, r, c, impl, _plan(dist_impl, world), group)
 
 
 # ------------------------------------------------------------------------------------------------- Sinkhorn

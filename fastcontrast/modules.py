@@ -155,9 +155,20 @@ class ClipLoss(nn.Module):
 class SigLipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.SigLipLoss`` (same constructor and ``forward``), fused on every backend.
 
-    With ``world_size > 1`` every rank scores its images against all texts (gathered with gradient), positives on
-    its own diagonal: the same loss and gradients as open_clip's exchanges (``dist_impl`` is accepted; all four
-    give one result).
+    ``forward(image_features (N, D), text_features (N, D), logit_scale, logit_bias, output_dict=False)``:
+    −(1/N) Σ_ij log σ(z_ij (s⟨x_i, y_j⟩ + b)), z = +1 on the diagonal, −1 elsewhere; a 0-d loss.
+    With ``world_size > 1`` (torch.distributed initialised, ``rank``/``world_size`` those of the default group)
+    each rank returns open_clip's local loss: its N images against every rank's texts, positives on its own
+    pairs, / N (the mean over ranks is the loss of the concatenated batch), and open_clip's gradients (text
+    features get every rank's gradient for them). ``dist_impl`` is open_clip's: "bidir" (default) and "shift"
+    pass text blocks neighbour to neighbour (both ways / one way), "reduce" sends each rank's block to all by a
+    collective; these hold one block at a time, forward and backward (per-rank memory does not grow with the
+    world size), score each with the fused siglip op and overlap the next block's transfer with the current
+    block's compute (fastcontrast.distributed.siglip_distributed_loss). "gather" all-gathers the texts.
+    This package's ``image_ids`` (N,), ``text_ids`` (N,) and ``weighting`` ("none" | "inverse_count", SigLIP+)
+    make every pair with equal ids a positive (fastcontrast.siglip_loss); in every ``dist_impl`` the ids travel
+    with their texts, so positives on other ranks count. Every rank checks, every call, that all ranks hold the
+    same local sizes (one small all-gather): uneven batches raise the same ValueError on every rank.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl=None,
@@ -167,53 +178,21 @@ class SigLipLoss(nn.Module):
             raise ValueError(f"dist_impl must be one of bidir, shift, reduce, gather; got {dist_impl!r}")
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl, self.backend = dist_impl or "bidir", backend
-        self._checked_batch = None
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False,
                 image_ids=None, text_ids=None, weighting: str = "none"):
-        if image_ids is not None or text_ids is not None:
-            # this package's groups of positives (fastcontrast.siglip_loss); across ranks the text ids travel
-            # with the gathered texts, so positives on other ranks are found
-            if self.world_size > 1:
-                from . import distributed as D
-                from .ops import multipos as MP
-
-                n, m = image_features.shape[0], text_features.shape[0]
-                image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
-                if self._checked_batch != (n, m):  # the gathers need one local size per side on every rank
-                    D.check_equal_local_batches(n)
-                    D.check_equal_local_batches(m)
-                    self._checked_batch = (n, m)
-                text_features = D.all_gather_with_grad(text_features)
-                with torch.no_grad():
-                    text_ids = D.all_gather_with_grad(text_ids)
-                if weighting == "inverse_count":  # k'_j counts every rank's images: their ids are gathered too
-                    from .dispatch import resolve
-
-                    with torch.no_grad():
-                        all_image_ids = D.all_gather_with_grad(image_ids)
-                    _, impl = resolve("siglip", self.backend, image_features.device, n * text_features.shape[0])
-                    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
-                    bias = V.as_scalar_tensor("logit_bias", logit_bias, image_features, positive=False)
-                    loss = MP.siglip_ids(impl, image_features, text_features, scale, bias, image_ids, text_ids,
-                                         weighting, count_image_ids=all_image_ids)
-                    return {"contrastive_loss": loss} if output_dict else loss
-            loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
-                                  image_ids=image_ids, text_ids=text_ids, weighting=weighting)
-            return {"contrastive_loss": loss} if output_dict else loss
         if self.world_size > 1:
             from . import distributed as D
 
-            n = image_features.shape[0]
-            if self._checked_batch != n:  # one extra collective per new local batch size, not per step
-                D.check_equal_local_batches(n)
-                self._checked_batch = n
-            all_txt = D.all_gather_with_grad(text_features)
-            labels = torch.arange(n, device=image_features.device) + n * self.rank
-            loss = Fn.siglip_loss(image_features, all_txt, logit_scale, logit_bias, labels=labels,
-                                  backend=self.backend)
+            rank, world = D._world(None)
+            if (rank, world) != (self.rank, self.world_size):
+                raise ValueError(f"SigLipLoss(rank={self.rank}, world_size={self.world_size}) but torch.distributed "
+                                 f"has rank {rank} of {world}; pass the default group's rank and world size")
+            loss = D.siglip_distributed_loss(image_features, text_features, logit_scale, logit_bias, self.dist_impl,
+                                             image_ids, text_ids, weighting, self.backend)
         else:
-            loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+            loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
+                                  image_ids=image_ids, text_ids=text_ids, weighting=weighting)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -1,0 +1,323 @@
+"""SigLipLoss across ranks for every open_clip ``dist_impl`` (gloo, 2 and 4 CPU processes), and the CLIP ring.
+
+* each ``dist_impl`` equals one process on the concatenated batch (the mean of the ranks' losses; features get
+  world × the global gradient, scale and bias average to it) and open_clip 3.3.0's SigLipLoss with the same
+  ``dist_impl`` on each rank (loss and every gradient);
+* group ids (``weighting`` "none" and "inverse_count") in every ``dist_impl`` equal the single-process ids loss;
+* uneven local batches raise the same ValueError on every rank (nobody is left waiting);
+* the ring posts each step's transfer before the block compute and waits after it (forward and backward), and
+  the CLIP ring with that overlap still equals the single-process loss;
+* per-rank peak memory of ``dist_impl="bidir"`` at world size 4 is within 1.2× of world size 2 at the same local
+  batch (while ``"gather"``, the control, grows).
+
+One spawn per world size runs every case, so the module stays well under a minute on two loaded cores.
+"""
+import datetime
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcontrast as fc
+from fastcontrast.validate import rel_err
+
+N_LOCAL, D = 6, 16
+ID_N, ID_M = 4, 5  # ragged per rank with ids: 4 images, 5 texts
+MEM_N, MEM_D = 96, 32
+IMPLS = ("bidir", "shift", "reduce", "gather")
+T0, B0 = 2.3, -5.0  # log logit scale (open_clip passes its exp), logit bias
+
+
+def _data(world, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(world * N_LOCAL, D, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(world * N_LOCAL, D, generator=g, dtype=torch.float64), dim=1)
+    return x.float(), y.float()
+
+
+def _id_data(world, seed=3):
+    """float64 features; ids with duplicates across ranks, and ids found on one side only (rows with no positive)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(world * ID_N, D, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(world * ID_M, D, generator=g, dtype=torch.float64), dim=1)
+    iid = torch.randint(0, 2 * world + 1, (world * ID_N,), generator=g)
+    tid = torch.randint(0, 2 * world + 3, (world * ID_M,), generator=g)
+    return x, y, iid, tid
+
+
+def _grads(fn, x, y):
+    x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+    t = torch.tensor(T0, dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.tensor(B0, dtype=x.dtype, device=x.device, requires_grad=True)
+    loss = fn(x, y, t.exp(), b)
+    loss.backward()
+    return dict(loss=loss.detach(), dx=x.grad, dy=y.grad, dt=t.grad, db=b.grad)
+
+
+class _Log:
+    """Records transfers posted, waited and block computes, to check their order (the overlap)."""
+
+    def __init__(self, D):
+        self.events, self.D = [], D
+        self.post, self.wait = D._post, D._Pending.wait
+        self.lse, self.block = D._lse_pair_impl, D._siglip_block
+        self.lse_bwd = D._lse_backward_slabs
+
+    def __enter__(self):
+        D, ev = self.D, self.events
+        post, wait, lse, block, lse_bwd = self.post, self.wait, self.lse, self.block, self.lse_bwd
+
+        def p(ops, *a):
+            ev.append("post" if ops else "post-empty")
+            return post(ops, *a)
+
+        def w(s):
+            if s.reqs:
+                ev.append("wait")
+            return wait(s)
+
+        def tag(name, f):
+            def g(*a, **k):
+                ev.append(name)
+                return f(*a, **k)
+            return g
+
+        D._post, D._Pending.wait = p, w
+        D._lse_pair_impl, D._siglip_block = tag("compute", lse), tag("compute", block)
+        D._lse_backward_slabs = tag("compute", lse_bwd)
+        return self
+
+    def __exit__(self, *exc):
+        D = self.D
+        D._post, D._Pending.wait = self.post, self.wait
+        D._lse_pair_impl, D._siglip_block, D._lse_backward_slabs = self.lse, self.block, self.lse_bwd
+
+
+def _cases(rank, world, oc):
+    from fastcontrast import distributed as Dm
+    from fastcontrast._memtrack import PeakMemory
+
+    out = {}
+    x_all, y_all = _data(world)
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    for impl in IMPLS:
+        out[impl] = _grads(lambda x, y, s, b: fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(x, y, s, b),
+                           x_all[sl], y_all[sl])
+        if oc is not None:
+            out["oc_" + impl] = _grads(
+                lambda x, y, s, b: oc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(x, y, s, b),
+                x_all[sl], y_all[sl])
+    # group ids, ragged per rank, in every dist_impl
+    x, y, iid, tid = _id_data(world)
+    si, st = slice(rank * ID_N, (rank + 1) * ID_N), slice(rank * ID_M, (rank + 1) * ID_M)
+    for impl in IMPLS:
+        for weighting in ("none", "inverse_count"):
+            loss = fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)
+            out[f"ids_{impl}_{weighting}"] = _grads(
+                lambda a, b_, s, bias: loss(a, b_, s, bias, image_ids=iid[si], text_ids=tid[st], weighting=weighting),
+                x[si], y[st])
+    # uneven local batches: rank 0 holds one pair fewer
+    n_here = N_LOCAL - 1 if rank == 0 else N_LOCAL
+    xu, yu = x_all[sl][:n_here], y_all[sl][:n_here]
+    for impl in IMPLS:
+        try:
+            fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(xu, yu, 10.0, -5.0)
+            out[f"uneven_{impl}"] = "no error"
+        except ValueError as e:
+            out[f"uneven_{impl}"] = str(e)
+    try:
+        fc.SigLipLoss(rank=rank, world_size=world)(xu, yu, 10.0, -5.0, image_ids=torch.arange(n_here),
+                                                   text_ids=torch.arange(n_here))
+        out["uneven_ids"] = "no error"
+    except ValueError as e:
+        out["uneven_ids"] = str(e)
+    try:
+        fc.ClipLoss(rank=rank, world_size=world, mode="ring")(xu, yu, 10.0)
+        out["uneven_clip_ring"] = "no error"
+    except ValueError as e:
+        out["uneven_clip_ring"] = str(e)
+    # the CLIP ring (overlapped) and the order of its transfers and computes
+    with _Log(Dm) as log:
+        out["clip_ring"] = _grads(lambda a, b_, s, bias: fc.ClipLoss(rank=rank, world_size=world, mode="ring")(a, b_, s),
+                                  x_all[sl], y_all[sl])
+    out["clip_ring_events"] = log.events
+    for impl in ("bidir", "shift", "reduce"):
+        if impl == "reduce":
+            continue  # collectives, not _post: their order is the ring's own, checked by equality above
+        with _Log(Dm) as log:
+            _grads(lambda a, b_, s, bias: fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(a, b_, s, bias),
+                   x_all[sl], y_all[sl])
+        out[f"events_{impl}"] = log.events
+    # per-rank peak memory of one forward + backward, at the same local batch for every world size
+    g = torch.Generator().manual_seed(100 + rank)
+    xm = torch.randn(MEM_N, MEM_D, generator=g).requires_grad_()
+    ym = torch.randn(MEM_N, MEM_D, generator=g).requires_grad_()
+    for impl in ("bidir", "gather"):
+        loss_fn = fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)
+        loss_fn(xm, ym, 10.0, -5.0).backward()  # warm-up: lazy imports and caches outside the measurement
+        xm.grad = ym.grad = None
+        with PeakMemory() as pm:
+            loss_fn(xm, ym, 10.0, -5.0).backward()
+        out[f"peak_{impl}"] = pm.peak
+        xm.grad = ym.grad = None
+    return out
+
+
+def _worker(rank, world, init_file, out_dir):
+    os.environ.pop("TRITON_INTERPRET", None)  # children use the PyTorch path: fast enough for the CPU
+    # a file store needs no free port; the timeout turns a lost peer into an error instead of a hang
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+    try:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from fastcontrast._compat import open_clip_loss_module
+        res = _cases(rank, world, open_clip_loss_module())
+        torch.save(res, os.path.join(out_dir, f"r{rank}.pt"))
+    finally:
+        dist.barrier()  # no rank tears down gloo while a peer's send is still in flight
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter-exit destructors racing gloo's threads (see tests/test_distributed.py)
+
+
+_RESULTS = {}
+
+
+def _results(world):
+    if world not in _RESULTS:
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(_worker, args=(world, os.path.join(d, "init"), d), nprocs=world, join=True)
+            _RESULTS[world] = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(world)]
+    return _RESULTS[world]
+
+
+def _single(world):
+    x_all, y_all = _data(world)
+    return _grads(lambda x, y, s, b: fc.siglip_loss(x, y, s, b, backend="reference"), x_all.double(), y_all.double())
+
+
+def _assert_global(results, want, key, world, tol):
+    """DDP's view: the mean of the ranks' losses and scale/bias gradients, and world × the features' gradients."""
+    assert rel_err(sum(r[key]["loss"] for r in results) / world, want["loss"]) <= tol, key
+    for g in ("dx", "dy"):
+        got = torch.cat([r[key][g] for r in results]) / world
+        assert rel_err(got, want[g]) <= tol, (key, g, rel_err(got, want[g]))
+    for g in ("dt", "db"):
+        got = sum(r[key][g] for r in results) / world
+        assert rel_err(got, want[g]) <= tol, (key, g, rel_err(got, want[g]))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_dist_impl_equals_one_process(world, impl):
+    _assert_global(_results(world), _single(world), impl, world, 1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_dist_impl_equals_open_clip(world, impl):
+    results = _results(world)
+    if "oc_" + impl not in results[0]:
+        pytest.skip("open-clip-torch is not installed; equality with one process is still tested")
+    for r, res in enumerate(results):
+        for k in ("loss", "dx", "dy", "dt", "db"):
+            err = rel_err(res[impl][k], res["oc_" + impl][k])
+            assert err <= 1e-5, (r, impl, k, err)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("weighting", ["none", "inverse_count"])
+def test_ids_equal_one_process(world, impl, weighting):
+    x, y, iid, tid = _id_data(world)
+    want = _grads(lambda a, b, s, bias: fc.siglip_loss(a, b, s, bias, image_ids=iid, text_ids=tid,
+                                                       weighting=weighting, backend="reference"), x, y)
+    _assert_global(_results(world), want, f"ids_{impl}_{weighting}", world, 1e-9)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_uneven_local_batches_raise_on_every_rank(world):
+    for res in _results(world):
+        for key in [f"uneven_{i}" for i in IMPLS] + ["uneven_ids", "uneven_clip_ring"]:
+            assert "local batches differ across ranks" in res[key], (key, res[key])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_clip_ring_with_overlap_equals_one_process(world):
+    results = _results(world)
+    x_all, y_all = _data(world)
+    want = _grads(lambda x, y, s, b: fc.clip_loss(x, y, s, backend="reference"), x_all.double(), y_all.double())
+    for r, res in enumerate(results):  # every rank returns the global loss
+        assert rel_err(res["clip_ring"]["loss"], want["loss"]) <= 1e-5, r
+    for g in ("dx", "dy"):
+        got = torch.cat([res["clip_ring"][g] for res in results]) / world
+        assert rel_err(got, want[g]) <= 1e-5, g
+    assert rel_err(sum(res["clip_ring"]["dt"] for res in results) / world, want["dt"]) <= 1e-5
+
+
+def _overlapped(events):
+    """Every compute that has a transfer in flight sees it posted before and waited after it."""
+    steps, in_flight = 0, False
+    for e in events:
+        if e == "post":
+            assert not in_flight, events  # the previous step's transfer was waited first
+            in_flight = True
+        elif e == "wait":
+            in_flight = False
+        elif e == "compute" and in_flight:
+            steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_transfers_overlap_the_block_compute(world):
+    for res in _results(world):
+        # CLIP: forward W steps and backward W steps each compute with the next transfer in flight
+        assert _overlapped(res["clip_ring_events"]) >= 2 * (world - 1), res["clip_ring_events"]
+        for impl in ("bidir", "shift"):
+            ev = res[f"events_{impl}"]
+            # forward: own block + W−1 blocks, backward: W−1 blocks + own block, all but none waiting idle
+            assert _overlapped(ev) >= 2 * (world - 1), (impl, ev)
+            assert ev.count("compute") >= 2 * world, (impl, ev)
+
+
+def test_bidir_memory_flat_in_world_size():
+    peaks = {w: max(r["peak_bidir"] for r in _results(w)) for w in (2, 4)}
+    gathered = {w: max(r["peak_gather"] for r in _results(w)) for w in (2, 4)}
+    assert peaks[4] <= 1.2 * peaks[2], peaks
+    assert gathered[4] >= 1.5 * gathered[2], gathered  # the control: the all-gather's memory does grow
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+                    reason="the NCCL side-stream path needs 2 CUDA devices and NCCL; CI and dev machines are CPU-only")
+def test_nccl_side_stream_equals_gloo():
+    world = 2
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_nccl_worker, args=(world, os.path.join(d, "init"), d), nprocs=world, join=True)
+        res = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(world)]
+    want = _single(world)
+    for impl in ("bidir", "shift", "reduce"):
+        _assert_global(res, want, impl, world, 1e-4)  # TF32/cuBLAS order: a looser fp32 bound than the CPU's
+
+
+def _nccl_worker(rank, world, init_file, out_dir):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
+    try:
+        x_all, y_all = _data(world)
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        out = {}
+        for impl in ("bidir", "shift", "reduce"):
+            r = _grads(lambda x, y, s, b: fc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(x, y, s, b),
+                       x_all[sl].cuda(), y_all[sl].cuda())
+            out[impl] = {k: v.cpu() for k, v in r.items()}
+        torch.save(out, os.path.join(out_dir, f"r{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
