@@ -293,7 +293,7 @@ class _MMTS(nn.Module):
             raise ValueError(f"rank={self.rank}, world_size={self.world_size} disagree with torch.distributed "
                              f"(rank {dist.get_rank()} of {dist.get_world_size()})")
         n = image_features.shape[0]
-        if not isinstance(t, torch.Tensor) or t.numel() == 1 and n != 1:  # one τ for every pair
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.numel() == 1 and n != 1:  # one τ for all pairs
             t = V.as_scalar_tensor(name, t, image_features).expand(n).contiguous()
         t = V.check_vector(name, t, n, image_features)  # cluster_sizes: one per local pair, on the features' device
         if self._checked_batch != n:

@@ -215,6 +215,11 @@ def _worker(rank, world, init_file, out_dir):
                 out.backward()  # DDP all-reduces and averages the parameter gradients
                 grads = [p.grad.clone() for p in model.parameters()]
                 res[("ddp", loss, name)] = dict(loss=out.detach(), grads=grads)
+        # one τ for every pair (this package's extension): a number, a 0-d tensor and the vector agree
+        x_all, y_all, _ = _data(world, "clip")
+        m = fc.MMTSClipLoss(gather_with_grad=True, rank=rank, world_size=world)
+        res["scalar_tau"] = [m(*_leaves(x_all[sl], y_all[sl]), tau=t).detach()
+                             for t in (0.1, torch.tensor(0.1), torch.full((N_LOCAL,), 0.1))]
         # rank/world_size that disagree with the process group: an error on this rank, before any collective
         try:
             fc.MMTSClipLoss(TOTAL, CMIN, CMAX, rank=0, world_size=world + 1)(
@@ -312,6 +317,15 @@ def test_ddp_encoder_gradients_equal_official_and_the_full_batch(run, loss):
         for g, go, gf in zip(ours["grads"], official["grads"], (wi.grad, wt.grad)):
             assert rel_err(g, go) <= 1e-5, r
             assert rel_err(g, gf) <= 1e-5, r  # DDP's average of the world× feature gradients: ∂L/∂θ
+
+
+def test_one_tau_for_every_pair(run):
+    world, results = run
+    x_all, y_all, _ = _data(world, "clip")
+    want = official_mmts_clip(x_all.double(), y_all.double(), torch.full((world * N_LOCAL,), 0.1, dtype=torch.float64))
+    for res in results:
+        for got in res["scalar_tau"]:
+            assert rel_err(got, want) <= 1e-5
 
 
 def test_rank_and_world_size_must_match_the_process_group(run):
