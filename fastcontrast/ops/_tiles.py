@@ -40,6 +40,24 @@ def token_norm_backward(x: Tensor, inv: Tensor, dxh: Tensor) -> Tensor:
     return ((g - xh * (xh * g).sum(-1, keepdim=True)) * inv[:, :, None]).reshape(n, d)
 
 
+def double_backward_error(op: str, backend: str, alternative: str = "backend='reference'") -> RuntimeError:
+    """The error of every fused backward asked for a differentiable gradient (create_graph=True): its gradients
+    come from kernels (or saved, detached statistics) without a derivative of their own, so a second derivative
+    (a gradient penalty, a meta-learning step, a Hessian-vector product) would be silently wrong."""
+    return RuntimeError(
+        f"fastcontrast: double backward is not supported by backend {backend!r} for {op}: its backward is a fused "
+        "kernel without a derivative of its own, so a gradient of its gradient (create_graph=True) would be "
+        f"silently wrong; use {alternative}, which computes exact second derivatives")
+
+
+def no_double_backward(op: str, backend: str, alternative: str = "backend='reference'") -> None:
+    """Raise :func:`double_backward_error` where a fused backward runs with grad mode on, i.e. under
+    ``create_graph=True``. A first-order backward (eager, or compiled by torch.compile, whose joint graph traces
+    the backward without grad mode) only pays this one flag read."""
+    if torch.is_grad_enabled():
+        raise double_backward_error(op, backend, alternative)
+
+
 def triton_ok(t: Tensor) -> bool:
     return _TRITON_IMPORT_ERROR is None and t.dtype != torch.float64 and (
         t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpret()))

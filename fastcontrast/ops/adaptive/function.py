@@ -34,9 +34,7 @@ def _through_norms(a: Tensor, b: Tensor, inv_a: Tensor, inv_b: Tensor, dah: Tens
 
 
 def _no_double_backward():
-    from ..siglip.function import no_double_backward
-
-    no_double_backward("max_margin")
+    T.no_double_backward("max_margin_loss", "triton")
 
 
 class HingeRows(torch.autograd.Function):

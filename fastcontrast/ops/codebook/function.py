@@ -117,13 +117,25 @@ def _soft_ce_setup(ctx, inputs, output):
     ctx.scale = scale
 
 
+_SOFT_CE_OP = "codebook_loss (its fused soft cross-entropy fastcontrast::soft_ce_rows)"
+
+
 def _soft_ce_backward(ctx, g, _g_lse):
+    T.no_double_backward(_SOFT_CE_OP, "cpu")  # create_graph=True: the kernel's gradient has no derivative
     x, y, targets, lse = ctx.saved_tensors
     dx, dy = soft_ce_rows_backward(g.contiguous(), x, y, targets, ctx.scale, lse)
     return dx, dy, None, None
 
 
 soft_ce_rows.register_autograd(_soft_ce_backward, setup_context=_soft_ce_setup)
+
+
+def _soft_ce_backward_no_double_backward(ctx, *grads):  # direct callers of the backward op
+    raise T.double_backward_error(_SOFT_CE_OP, "cpu")
+
+
+soft_ce_rows_backward.register_autograd(_soft_ce_backward_no_double_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
 register_autocast("fastcontrast::soft_ce_rows", (0, 1, 2))  # x, y, targets: one dtype, as the kernel needs
 register_autocast("fastcontrast::soft_ce_rows_backward", (0, 1, 2, 3))
 OPAQUE_IMPLS[torch.ops.fastcontrast.soft_ce_rows.default] = _soft_ce_impl  # probes look inside (_memtrack)

@@ -69,6 +69,22 @@ def _feature_grads(ctx, gm: Tensor, coef: Tensor, x, y, xh, yh, inv_x, inv_y):
     return dx, dy
 
 
+def _differentiable_grads(ctx, g, x, y, a, c, labels, needs=None, shared=None):
+    """(dx, dy, da, dc) as a differentiable graph: the reference's autograd formula on the same inputs, so that
+    double backward (gradient penalties, meta-learning) gets exact second derivatives. The hand-written backward
+    works on saved, detached softmaxes: differentiating it would silently drop terms. ``shared``: a 0-d scale
+    expanded into a and c, whose gradient is returned in place of da (dc is then None)."""
+    from .reference import infonce_reference
+
+    needs = ctx.needs_input_grad[:4] if needs is None else needs
+    targets = [x, y, shared if shared is not None else a, c]
+    want = [t for t, w in zip(targets, needs) if w]
+    with torch.enable_grad():
+        loss = infonce_reference(x, y, a, c, None, labels, ctx.normalize, ctx.tokens)
+        got = iter(torch.autograd.grad(loss, want, g, create_graph=True))
+    return tuple(next(got) if w else None for w in needs)
+
+
 class DenseInfoNCE(torch.autograd.Function):
     """The general case: scales per row (a) and per column (c), positives p(i) (None: the diagonal)."""
 
@@ -84,13 +100,15 @@ class DenseInfoNCE(torch.autograd.Function):
         else:
             pos_r, pos_c = lsm_r.gather(1, labels[:, None]), lsm_c.gather(1, labels[:, None])
         loss = (pos_r.sum() + pos_c.sum()) / (-2 * x.shape[0])
-        ctx.save_for_backward(x, y, xh, yh, inv_x, inv_y, a_, c_, s, lsm_r, lsm_c, labels)
-        ctx.normalize = normalize
+        ctx.save_for_backward(x, y, xh, yh, inv_x, inv_y, a_, c_, s, lsm_r, lsm_c, labels, a, c)
+        ctx.normalize, ctx.tokens = normalize, tokens
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, y, xh, yh, inv_x, inv_y, a, c, s, lsm_r, lsm_c, labels = ctx.saved_tensors
+        x, y, xh, yh, inv_x, inv_y, a, c, s, lsm_r, lsm_c, labels, a_in, c_in = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that must itself be differentiable
+            return _differentiable_grads(ctx, g, x, y, a_in, c_in, labels) + (None, None, None)
         n, m = s.shape
         acc = s.dtype
         w = g.to(acc) / (2 * n)
@@ -130,13 +148,19 @@ class DenseClip(torch.autograd.Function):
         # log_softmax is one fused kernel per direction (logsumexp is several): it matters at small N
         lsm_r, lsm_c = torch.log_softmax(logits, 1), torch.log_softmax(logits, 0)
         loss = (lsm_r.diagonal().sum() + lsm_c.diagonal().sum()) / (-2 * x.shape[0])
-        ctx.save_for_backward(x, y, xh, yh, inv_x, inv_y, sc, s, lsm_r, lsm_c)
-        ctx.normalize = normalize
+        ctx.save_for_backward(x, y, xh, yh, inv_x, inv_y, sc, s, lsm_r, lsm_c, scale)
+        ctx.normalize, ctx.tokens = normalize, tokens
         return loss
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, y, xh, yh, inv_x, inv_y, sc, s, lsm_r, lsm_c = ctx.saved_tensors
+        x, y, xh, yh, inv_x, inv_y, sc, s, lsm_r, lsm_c, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (see _differentiable_grads)
+            n, m = x.shape[0], y.shape[0]
+            ctx_needs = ctx.needs_input_grad[:3]
+            dx, dy, ds, _ = _differentiable_grads(ctx, g, x, y, scale.expand(n), scale.expand(m), None,
+                                                  needs=ctx_needs + (False,), shared=scale)
+            return dx, dy, ds, None, None
         w = g.to(s.dtype) / (2 * s.shape[0])
         gm = lsm_r.exp().add_(lsm_c.exp())
         gm.diagonal().sub_(2)
@@ -149,7 +173,11 @@ class DenseClip(torch.autograd.Function):
 
 def _shared_scalar(a: Tensor, c: Tensor) -> bool:
     """a and c are the same 0-d tensor expanded (how clip_loss and oblique_clip_loss pass one logit scale)."""
-    return a.stride() == (0,) and c.stride() == (0,) and a.data_ptr() == c.data_ptr() and a.dtype == c.dtype
+    if not (a.stride() == (0,) and c.stride() == (0,) and a.dtype == c.dtype):
+        return False
+    if torch.compiler.is_compiling():  # a traced graph cannot compare data pointers (fullgraph breaks); views can
+        return a._base is not None and a._base is c._base
+    return a.data_ptr() == c.data_ptr()
 
 
 def infonce_dense(x: Tensor, y: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Optional[Tensor],

@@ -92,6 +92,24 @@ def _twk_backward(ctx, g, _g_lse):
 
 
 teacher_weighted_keys.register_autograd(_twk_backward, setup_context=_twk_setup)
+
+
+def _twk_backward_setup(ctx, inputs, output):
+    g, tq, tk, t_scale, lse, values = inputs
+    ctx.save_for_backward(tq, tk, t_scale)
+    ctx.g_dtype = g.dtype
+
+
+def _twk_double_backward(ctx, gg):
+    """d values = P^Tᵀ·g is linear in g and free of values (the teacher has no gradient), so its own derivative is
+    exact: ∂⟨gg, P^Tᵀ g⟩/∂g = P^T·gg, the op's forward with gg as the values. Second derivatives (a gradient
+    penalty through distill_clip_loss) are then right on every backend whose lse_pair allows them."""
+    tq, tk, t_scale = ctx.saved_tensors
+    dg = teacher_weighted_keys(tq, tk, t_scale, gg)[0].to(ctx.g_dtype)
+    return dg, None, None, None, None, None
+
+
+teacher_weighted_keys_backward.register_autograd(_twk_double_backward, setup_context=_twk_backward_setup)
 register_autocast("fastcontrast::teacher_weighted_keys", (0, 1, 3))
 register_autocast("fastcontrast::teacher_weighted_keys_backward", (0, 1, 2, 5))
 OPAQUE_IMPLS[torch.ops.fastcontrast.teacher_weighted_keys.default] = _twk_impl

@@ -267,6 +267,14 @@ def _(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(c)
 
 
+# Double backward: lse_pair's backward is a fused kernel (or the PyTorch tiles, recomputing P and Q from the saved
+# lse): no derivative of its own. Raise where a differentiable gradient is asked for (create_graph=True, checked in
+# _backward) and, for direct callers of lse_pair_backward, where one would be taken through it.
+LSE_PAIR_OP = ("the fused log-sum-exp fastcontrast::lse_pair (clip_loss, oblique_clip_loss, "
+               "adaptive_temperature_clip_loss, ce_rows, codebook_loss, momentum_contrastive_loss, distill_clip_loss)")
+LSE_PAIR_ALTERNATIVE = "backend='reference' (or backend='dense' for the InfoNCE losses and distill_clip_loss)"
+
+
 def _setup_context(ctx, inputs, output):
     x, y, a, c, bias, normalize, tokens, impl = inputs
     ctx.save_for_backward(x, y, a, c, bias, *output)
@@ -274,6 +282,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_r, g_c):
+    T.no_double_backward(LSE_PAIR_OP, ctx.impl, LSE_PAIR_ALTERNATIVE)
     x, y, a, c, bias, lse_r, lse_c = ctx.saved_tensors
     g_r = torch.zeros_like(lse_r) if g_r is None else g_r
     g_c = torch.zeros_like(lse_c) if g_c is None else g_c
@@ -284,6 +293,17 @@ def _backward(ctx, g_r, g_c):
 
 
 lse_pair.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _lse_backward_no_double_backward(ctx, *grads):
+    raise T.double_backward_error(LSE_PAIR_OP, ctx.backend, LSE_PAIR_ALTERNATIVE)
+
+
+def _lse_backward_setup(ctx, inputs, output):
+    ctx.backend = inputs[-1]  # the backend asked for ('triton' on float64 runs its PyTorch tiles: no derivative)
+
+
+lse_pair_backward.register_autograd(_lse_backward_no_double_backward, setup_context=_lse_backward_setup)
 register_autocast("fastcontrast::lse_pair", (0, 1))  # x, y follow the package's autocast policy (_amp)
 register_autocast("fastcontrast::lse_pair_backward", (2, 3))
 

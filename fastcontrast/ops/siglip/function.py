@@ -16,13 +16,6 @@ from .._configs import launch as launch_config
 from .._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
 
-def no_double_backward(op: str) -> None:
-    """Raise where a backward is asked to build a graph (create_graph=True): the gradients here come from kernels
-    with no autograd of their own, so a second derivative would be silently wrong."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"double backward is not supported by backend 'triton' for {op}; use backend='reference'")
-
-
 class SoftplusSum(torch.autograd.Function):
     """Σ_ij softplus(s⟨x_i, y_j⟩ + b), a scalar, with gradients to x (N, D), y (M, D), s and b.
 
@@ -71,7 +64,7 @@ class SoftplusSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        no_double_backward("siglip")
+        T.no_double_backward("siglip_loss", "triton")  # the gradients are the forward's, scaled by g
         dx, dy, ds, db = ctx.grads
         g = g.float()
         xdt, ydt, sdt, bdt = ctx.dtypes
