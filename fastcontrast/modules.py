@@ -240,6 +240,25 @@ class _MMTS(nn.Module):
         self.local_loss, self.gather_with_grad = bool(local_loss), bool(gather_with_grad)
         self._checked_batch = None  # the local size the ranks last agreed on (host state)
 
+    # the schedule's configuration, c_min/c_max derived from the data: it travels with the state_dict (not the
+    # rank/world arguments, which belong to the process that loads it)
+    _SCHEDULE = ("total_steps", "c_min", "c_max", "alpha", "num_oscillations", "s_min", "s_max")
+
+    def get_extra_state(self):
+        return {k: getattr(self, k) for k in self._SCHEDULE}
+
+    def set_extra_state(self, state):
+        """A module built without total_steps/c_min/c_max takes the checkpoint's; one built with another
+        schedule refuses it (its τ would silently differ from the run that wrote the checkpoint)."""
+        clash = [f"{k}={getattr(self, k)} but the checkpoint has {k}={state[k]}" for k in self._SCHEDULE
+                 if k in state and getattr(self, k) is not None and state[k] is not None
+                 and getattr(self, k) != state[k]]
+        if clash:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's MM-TS schedule differs: {'; '.join(clash)}")
+        for k in self._SCHEDULE:
+            if getattr(self, k) is None and state.get(k) is not None:
+                setattr(self, k, state[k])
+
     # The published MM-TS run (SergShel/MM-TS avion/README.md:100-105, the fine-tuning command; the README's
     # argument table :130-133 gives the same values as the defaults of every --loss-type); the argparse defaults
     # (0.08, [0.05, 0.20]) are this class's constructor defaults. That run (4 ranks, torchrun) gathers with
