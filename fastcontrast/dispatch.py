@@ -39,7 +39,14 @@ _CROSSOVER = {
 }
 
 _registry: Dict[Tuple[str, str], Callable] = {}
-_auto_cache: Dict[Tuple[str, str, bool], Tuple[str, Callable]] = {}
+_auto_cache: Dict[Tuple[str, str, bool, bool], Tuple[str, Callable]] = {}
+
+# Kernels that compute in float32 whatever they are given: float64 inputs would come back with float32 accuracy
+# (a loss off in the 8th digit, a gradcheck that fails for no visible reason). For float64 these backends run
+# the op's float64 reference instead (materialised: float64 is for checks and small problems), as the Triton
+# InfoNCE family (infonce, ce_rows, momentum_contrastive, swapped_prediction, distill) runs its float64 PyTorch
+# tiles. The CUDA extension's other kernels refuse float64 with an error of their own (csrc/cuda_binding.cpp).
+_FLOAT32_ONLY = {("siglip", "triton"), ("max_margin", "triton"), ("sinkhorn", "triton"), ("sinkhorn", "cuda")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -113,23 +120,31 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
     return reason
 
 
-def _auto(op: str, device: torch.device, small: bool) -> Tuple[str, Callable]:
-    key = (op, device.type, small)
+def _impl(op: str, backend: str, f64: bool) -> Callable:
+    if f64 and (op, backend) in _FLOAT32_ONLY:
+        return _registry[(op, "reference")]
+    return _registry[(op, backend)]
+
+
+def _auto(op: str, device: torch.device, small: bool, f64: bool = False) -> Tuple[str, Callable]:
+    key = (op, device.type, small, f64)
     hit = _auto_cache.get(key)
     if hit is not None:
         return hit
     order = ("dense", "reference") if small else _FUSED_ORDER.get(device.type, ("reference",))
     for cand in order:
         if unavailable_reason(op, cand, device) is None:
-            _auto_cache[key] = (cand, _registry[(op, cand)])
+            _auto_cache[key] = (cand, _impl(op, cand, f64))
             return _auto_cache[key]
     raise BackendUnavailableError(f"no backend can run {op!r} on {device}")  # reference always registers
 
 
-def resolve(op: str, backend: str, device: torch.device, size: int = 0) -> Tuple[str, Callable]:
-    """``(backend_name, implementation)`` for ``op`` on ``device``; ``size`` = N·M decides ``"auto"``."""
+def resolve(op: str, backend: str, device: torch.device, size: int = 0,
+            dtype: Optional[torch.dtype] = None) -> Tuple[str, Callable]:
+    """``(backend_name, implementation)`` for ``op`` on ``device``; ``size`` = N·M decides ``"auto"``;
+    ``dtype``: the inputs' dtype; float64 on a float32-only kernel gets the op's float64 reference."""
     if backend == "auto":
-        return _auto(op, device, 0 < size <= _CROSSOVER.get(device.type, 0))
+        return _auto(op, device, 0 < size <= _CROSSOVER.get(device.type, 0), dtype == torch.float64)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     reason = unavailable_reason(op, backend, device)
@@ -137,7 +152,7 @@ def resolve(op: str, backend: str, device: torch.device, size: int = 0) -> Tuple
         if backend not in BACKENDS:
             raise ValueError(f"backend: {reason}")
         raise BackendUnavailableError(f"backend {backend!r} is unavailable for {op!r}: {reason}")
-    return backend, _registry[(op, backend)]
+    return backend, _impl(op, backend, dtype == torch.float64)
 
 
 def _visible_devices():

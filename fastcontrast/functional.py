@@ -33,7 +33,7 @@ def _check_image_text(image_features, text_features):
 
 
 def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend, ids=None):
-    name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0])
+    name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0], x.dtype)
     if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (ops/multipos.py)
         return _multipos.infonce_ids(name, x, y, row_scale, col_scale, bias, ids[0], ids[1], normalize, tokens)
     labels, bad = V.labels_guard(labels, y.shape[0])  # out-of-range labels: NaN, not a plausible number
@@ -109,11 +109,13 @@ def siglip_loss(
     ids = _multipos.check_ids(image_ids, text_ids, n, m, image_features, labels)
     if ids[0] is not None and negative_only:
         raise ValueError("negative_only makes every pair a negative: it cannot be combined with image_ids/text_ids")
+    if labels is not None and negative_only:  # else they would be ignored without a word
+        raise ValueError("negative_only makes every pair a negative: it cannot be combined with labels")
     if ids[0] is None and weighting != "none":
         raise ValueError("weighting='inverse_count' needs image_ids and text_ids (the groups of positives)")
     labels = None if negative_only or ids[0] is not None else V.check_labels(labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    name, impl = resolve("siglip", backend, image_features.device, n * m)
+    name, impl = resolve("siglip", backend, image_features.device, n * m, image_features.dtype)
     if ids[0] is not None:
         if name == "reference":
             return _multipos.siglip_ids_reference(image_features, text_features, scale, bias, ids[0], ids[1],
@@ -136,7 +138,7 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     scale = V.as_scalar_tensor("logit_scale", logit_scale, a)
     bias = _bias(logit_bias, a)
     labels = V.check_labels(labels, a.shape[0], b.shape[0], a)
-    _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0])
+    _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     labels, bad = V.labels_guard(labels, b.shape[0])
     return V.poison(impl(a, b, scale, bias, labels), bad)
 
@@ -252,12 +254,17 @@ def max_margin_loss(
     else:
         margin = V.check_positive_float("margin", margin, allow_zero=True)
     labels = V.check_labels(labels, n, text_features.shape[0], image_features, diagonal_as_none=True)
+    if reduction == "mean" and not hardest and text_features.shape[0] == 1:
+        raise ValueError("max_margin_loss with reduction='mean' averages the hinge over the negatives, and with one "
+                         "text (M = 1) there are none (the mean would be 0/0 = NaN): use reduction='sum' or "
+                         "hardest=True, or a batch with at least 2 texts")
     V.check_finite(image_features=image_features, text_features=text_features)
-    _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0])
+    _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0],
+                      image_features.dtype)
     labels, bad = V.labels_guard(labels, text_features.shape[0])
-    return V.poison(impl(image_features, text_features,
-                         margin if not isinstance(margin, torch.Tensor) else margin.detach(),
-                         labels, bool(hardest), bool(normalize), reduction), bad)
+    # a margin tensor that requires grad gets its gradient (the number of active hinges over the count)
+    return V.poison(impl(image_features, text_features, margin, labels, bool(hardest), bool(normalize), reduction),
+                    bad)
 
 
 def mmts_temperature(
@@ -329,7 +336,7 @@ def density_temperature(
     if not tau_min <= tau <= tau_max:
         raise ValueError(f"need tau_min <= tau <= tau_max, got {tau_min}, {tau}, {tau_max}")
     V.check_finite(features=features)
-    _, impl = resolve("density", backend, features.device, n * n)
+    _, impl = resolve("density", backend, features.device, n * n, features.dtype)
     with torch.no_grad():
         return density_to_temperature(impl(features, k), tau, tau_min, tau_max).to(
             features.dtype if features.dtype == torch.float64 else torch.float32)
@@ -342,7 +349,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, back
     epsilon = V.check_positive_float("epsilon", epsilon)
     n_iters = V.check_positive_int("n_iters", n_iters)
     V.check_finite(scores=scores)
-    _, impl = resolve("sinkhorn", backend, scores.device, scores.numel())
+    _, impl = resolve("sinkhorn", backend, scores.device, scores.numel(), scores.dtype)
     return impl(scores.detach(), epsilon, n_iters)
 
 
@@ -421,10 +428,10 @@ def codebook_loss(
     V.check_finite(**dict(zip(names, feats)), codebook=codebook)
     dev = image_features.device
     size = image_features.shape[0] * codebook.shape[0]
-    _, ce = resolve("swapped_prediction", backend, dev, size)
+    _, ce = resolve("swapped_prediction", backend, dev, size, image_features.dtype)
     nf, nc = bool(normalize_features), bool(normalize_codes)
     if not _global_sinkhorn(sinkhorn_group):
-        _, sk = resolve("sinkhorn", backend, dev, size)
+        _, sk = resolve("sinkhorn", backend, dev, size, teacher_image_features.dtype)
     else:
         from .distributed import distributed_sinkhorn
 
@@ -481,7 +488,7 @@ def momentum_contrastive_loss(
     scale = V.as_scalar_tensor("logit_scale", logit_scale, query)
     V.check_finite(query=query, keys=keys, teacher_query=teacher_query, queue=queue)
     _, impl = resolve("momentum_contrastive", backend, query.device,
-                      query.shape[0] * (keys.shape[0] + (0 if queue is None else queue.shape[0])))
+                      query.shape[0] * (keys.shape[0] + (0 if queue is None else queue.shape[0])), query.dtype)
     return impl(query, keys.detach(), None if teacher_query is None else teacher_query.detach(), queue, scale,
                 alpha, bool(normalize))
 
@@ -522,7 +529,7 @@ def distill_clip_loss(
     t_scale = V.as_scalar_tensor("teacher_logit_scale", teacher_logit_scale, image_features).detach()
     V.check_finite(image_features=image_features, text_features=text_features,
                    teacher_image_features=teacher_image_features, teacher_text_features=teacher_text_features)
-    _, impl = resolve("distill", backend, image_features.device, n * n)
+    _, impl = resolve("distill", backend, image_features.device, n * n, image_features.dtype)
     ti, tt = teacher_image_features.detach(), teacher_text_features.detach()
     return impl(image_features, text_features, scale, ti, tt, t_scale, 0, image_features, text_features, ti, tt)
 
