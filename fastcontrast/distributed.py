@@ -479,10 +479,12 @@ class _SigLipBlocks(torch.autograd.Function):
                 g_l = grad(cur_l, False) if k <= k_l else None
                 g_r = grad(cur_r, False) if k <= k_r else None
                 pending.wait()
+                # G_k = g_k + G_{k+1}, summed into the received buffer (one block fewer alive)
                 if g_r is not None:
-                    mine_r, cur_r = (g_r if in_r is None else g_r + in_r), nr
+                    mine_r, cur_r = (g_r if in_r is None else in_r.add_(g_r)), nr
                 if g_l is not None:
-                    mine_l, cur_l = (g_l if in_l is None else g_l + in_l), nl
+                    mine_l, cur_l = (g_l if in_l is None else in_l.add_(g_l)), nl
+                g_r = g_l = None
             ops, home_r, home_l = [], None, None  # G_1 goes to the block's owner
             if k_r:
                 home_r = torch.empty_like(mine_r)
@@ -493,9 +495,10 @@ class _SigLipBlocks(torch.autograd.Function):
             pending = _post(ops, group, dev)
             dy = grad(own, True)
             pending.wait()
+            mine_r = mine_l = None
             for h in (home_r, home_l):
                 if h is not None:
-                    dy = dy + h
+                    dy = dy.add_(h)
         need = ctx.needs_input_grad
         return (dx.to(x.dtype) if need[0] else None, dy.to(y.dtype) if need[1] else None,
                 dsb[0].to(scale.dtype).reshape(scale.shape) if need[2] else None,
