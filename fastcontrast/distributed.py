@@ -572,7 +572,7 @@ def siglip_distributed_loss(image_features: Tensor, text_features: Tensor, logit
             _, k_col = MP.group_sums(tid, all_iid, torch.ones(all_iid.shape[0], 1, dtype=acc, device=x.device))
             r, c = 1.0 / k_row.clamp_min(1), 1.0 / k_col.clamp_min(1)
     if dist_impl == "gather":  # open_clip's: every rank's texts at once, through an all-gather with gradient
-        _, impl = resolve("siglip", backend, x.device, n * m * world)
+        _, impl = resolve("siglip", backend, x.device, n * m * world, x.dtype)
         all_y = all_gather_with_grad(y, group)
         if iid is None:
             labels = torch.arange(n, device=x.device) + n * rank
@@ -580,7 +580,7 @@ def siglip_distributed_loss(image_features: Tensor, text_features: Tensor, logit
         all_tid = _all_ids(tid, group)
         all_c = None if c is None else _all_ids(c, group)
         return _siglip_block(impl, x, all_y, scale, bias, True, (iid, all_tid, r, all_c))
-    _, impl = resolve("siglip", backend, x.device, n * m)
+    _, impl = resolve("siglip", backend, x.device, n * m, x.dtype)  # float64 keeps a float64 path
     return _SigLipBlocks.apply(x, y, scale, bias, iid, tid, r, c, impl, _plan(dist_impl, world), group)
 
 

@@ -108,6 +108,10 @@ def _cases(rank, world, oc):
             out["oc_" + impl] = _grads(
                 lambda x, y, s, b: oc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(x, y, s, b),
                 x_all[sl], y_all[sl])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 features from an autocast region, loss in fp32
+        loss = fc.SigLipLoss(rank=rank, world_size=world)(x_all[sl].bfloat16(), y_all[sl].bfloat16(),
+                                                          torch.tensor(T0).exp(), torch.tensor(B0))
+    out["autocast"] = loss.detach()
     # group ids, ragged per rank, in every dist_impl
     x, y, iid, tid = _id_data(world)
     si, st = slice(rank * ID_N, (rank + 1) * ID_N), slice(rank * ID_M, (rank + 1) * ID_M)
@@ -241,6 +245,13 @@ def test_ids_equal_one_process(world, impl, weighting):
     want = _grads(lambda a, b, s, bias: fc.siglip_loss(a, b, s, bias, image_ids=iid, text_ids=tid,
                                                        weighting=weighting, backend="reference"), x, y)
     _assert_global(_results(world), want, f"ids_{impl}_{weighting}", world, 1e-9)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_autocast_bf16_features(world):
+    for res in _results(world):
+        assert res["autocast"].dtype == torch.float32
+        assert rel_err(res["autocast"], res["bidir"]["loss"]) <= 1e-2  # bf16 rounding of the features only
 
 
 @pytest.mark.parametrize("world", [2, 4])
