@@ -28,7 +28,8 @@ if triton is not None:
     def _slab_tile_grouped(row0, Na_chunk, Nb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
         """:func:`_slab_tile` with the program order grouped for L2: the (M tiles, N tiles) grid is read as one
         sequence in which GROUP column tiles are swept together, rows fastest within the group, so the ~132
-        programs in flight share GROUP column tiles and ~132/GROUP row tiles (GROUP = 1: the plain 2-D order)."""
+        programs in flight share GROUP column tiles and ~132/GROUP row tiles (GROUP = 1: the plain 2-D order).
+        Returns the tile's (row tile, column tile) indices first: where its per-tile partial sums go."""
         n_m = tl.num_programs(0)
         n_n = tl.num_programs(1)
         pid = tl.program_id(1) * n_m + tl.program_id(0)
@@ -39,7 +40,7 @@ if triton is not None:
         pid_m = (pid % per_group) // size
         local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        return local, row0 + local, local < Na_chunk, cols, cols < Nb
+        return pid_m, pid_n, local, row0 + local, local < Na_chunk, cols, cols < Nb
 
     @triton.jit
     def _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K,

@@ -86,7 +86,11 @@ _LN2 = 0.6931471805599453
 
 
 def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, sigma, normalize, tokens):
-    """Returns fill(r0, rc, slab, da, dc): σ·G for rows r0:r0+rc into slab[:rc], scale grads accumulated."""
+    """Returns fill(r0, rc, slab, da, dc): σ·G for rows r0:r0+rc into slab[:rc], da[r0:r0+rc] set, dc accumulated.
+
+    The scale gradients come from per-tile partials (the kernel's PART_A, PART_B) summed here over the tiles in a
+    fixed order, not from float atomics: the same bits every run, as torch.use_deterministic_algorithms asks, in
+    every mode (as many plain stores as there were atomics, plus two small sums per slab; not yet timed on a GPU)."""
     from . import triton_kernels as K
 
     n, d = x.shape
@@ -96,14 +100,21 @@ def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, s
     b = bias.float().reshape(1)
     a32, c32 = a.float().contiguous(), c.float().contiguous()
     g_r, g_c = g_r.float().contiguous(), g_c.float().contiguous()
+    parts = []
 
     def fill(r0, rc, slab, da, dc):
         grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(m, cfg["BLOCK_N"]))
+        if not parts:  # the first slab is the tallest: (column tiles × its rows), (its row tiles × M)
+            parts.extend([torch.empty(grid[1], rc, device=x.device, dtype=torch.float32),
+                          torch.empty(grid[0], m, device=x.device, dtype=torch.float32)])
+        pa, pb = parts
         K._grad_tile_kernel[grid](
-            x, y, inv_x, inv_y, a32, c32, b, lse_r, lse_c, g_r, g_c, sigma, slab, da, dc, r0, rc, m, d, dt, ntok,
-            x.stride(0), y.stride(0), slab.stride(0),
+            x, y, inv_x, inv_y, a32, c32, b, lse_r, lse_c, g_r, g_c, sigma, slab, pa, pb, r0, rc, m, d, dt, ntok,
+            x.stride(0), y.stride(0), slab.stride(0), pa.stride(0), pb.stride(0),
             NORM=normalize, MULTI=ntok > 1, HAS_BIAS=True, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
             num_warps=warps, num_stages=stages, **cfg)
+        torch.sum(pa[:, :rc], dim=0, out=da[r0:r0 + rc])  # every row of a slab is in no other slab
+        dc.add_(pb[:grid[0]].sum(dim=0))
 
     return fill
 
@@ -241,8 +252,19 @@ def lse_pair_backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor,
     return _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl)
 
 
-def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
+def _backward_choice(impl: str, x: Tensor) -> str:
+    """:func:`_choose` for the backward. Under torch.use_deterministic_algorithms(True) the CUDA kernels of csrc/
+    (they add the scale gradients with atomicAdd, in an order that changes from run to run) give way to the
+    PyTorch tiles: the same math with fixed-order reductions. The Triton kernels are deterministic in every mode.
+    The flag is read on the host at launch: no sync."""
     which = _choose(impl, x)
+    if which == "cuda" and torch.are_deterministic_algorithms_enabled():
+        return "torch"
+    return which
+
+
+def _lse_pair_backward_impl(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, impl="auto"):
+    which = _backward_choice(impl, x)
     if which == "cuda":  # P = exp(aS + b − lse) = exp(aS − (lse − b)): the bias stays a tensor (see forward)
         xh, yh = _cuda_operands(x, y, normalize, tokens)
         dxh, dyh, da, dc = _ext._C.lse_pair_cuda_backward(g_r, g_c, xh, yh, a, c, 0.0, lse_r - bias, lse_c - bias,

@@ -115,13 +115,16 @@ if triton is not None:
 
     @triton.jit
     def _grad_tile_kernel(A, B, inv_a, inv_b, scale_a, scale_b, bias_ptr, lse_a, lse_b, g_a, g_b, sigma_ptr,
-                          G, dscale_a, dscale_b, row0, Na_chunk, Nb, D, DT, K, stride_am, stride_bm, stride_gm,
-                          NORM: tl.constexpr, MULTI: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP: tl.constexpr = 1):
-        """One S tile -> σ·G tile stored to the row-chunk slab; Σ P·S and Σ Q·S added to the scale grads.
+                          G, PART_A, PART_B, row0, Na_chunk, Nb, D, DT, K, stride_am, stride_bm, stride_gm,
+                          stride_pa, stride_pb, NORM: tl.constexpr, MULTI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr = 1):
+        """One S tile -> σ·G tile stored to the row-chunk slab; this tile's g·Σ_j P·S per row to
+        PART_A[column tile, slab row] and h·Σ_i Q·S per column to PART_B[row tile, column]: no float atomics, the
+        launcher sums the partials over the tiles in a fixed order (bitwise repeatable, deterministic mode or not).
         GROUP: column tiles swept together by the programs in flight (L2 reuse), see _slab_tile_grouped."""
-        local, rows, row_mask, cols, col_mask = _slab_tile_grouped(row0, Na_chunk, Nb, BLOCK_M, BLOCK_N, GROUP)
+        pid_m, pid_n, local, rows, row_mask, cols, col_mask = _slab_tile_grouped(row0, Na_chunk, Nb, BLOCK_M,
+                                                                                 BLOCK_N, GROUP)
         s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
                     NORM, MULTI, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         sa = tl.load(scale_a + rows, mask=row_mask, other=0.0)
@@ -141,5 +144,5 @@ if triton is not None:
         q = tl.exp2(s * (sb * LOG2E)[None, :] + (bias - lb + col_pen)[None, :] + row_pen[:, None])
         g = p * (ga * sa * sigma)[:, None] + q * (gb * sb * sigma)[None, :]
         tl.store(G + local[:, None] * stride_gm + cols[None, :], g.to(G.dtype.element_ty), mask=valid)
-        tl.atomic_add(dscale_a + rows, ga * tl.sum(p * s, axis=1), mask=row_mask)
-        tl.atomic_add(dscale_b + cols, gb * tl.sum(q * s, axis=0), mask=col_mask)
+        tl.store(PART_A + pid_n * stride_pa + local, ga * tl.sum(p * s, axis=1), mask=row_mask)
+        tl.store(PART_B + pid_m * stride_pb + cols, gb * tl.sum(q * s, axis=0), mask=col_mask)
