@@ -18,11 +18,31 @@ from ._triton_support import IMPORT_ERROR as _TRITON_IMPORT_ERROR
 BLOCK_BYTES = 256 * 2**20
 
 
+def _unit_max(x: Tensor, dim: int):
+    """(x/m, m), m = max|x| over ``dim`` (kept, no gradient: what follows does not depend on it)."""
+    m = x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return x / m, m
+
+
+def inv_l2_norm(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """1 / max(‖x‖, eps) over ``dim`` (kept), as (1/m) / max(‖x/m‖, eps/m): neither the squares nor the
+    gradient's 1/‖x‖² leave the float range. A plain fp32 norm is inf above |x| ~ 1.8e19 (x/‖x‖ becomes 0), and
+    autograd's 1/‖x‖² underflows long before (the normalisation's Jacobian loses its radial term)."""
+    u, m = _unit_max(x, dim)
+    return torch.maximum(u.norm(dim=dim, keepdim=True), eps / m).reciprocal() / m
+
+
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """x / max(‖x‖, eps) (F.normalize's convention) over the range-safe norm of :func:`inv_l2_norm`."""
+    u, m = _unit_max(x, dim)
+    return u / torch.maximum(u.norm(dim=dim, keepdim=True), eps / m)
+
+
 def inv_token_norms(x: Tensor, tokens: int) -> Tensor:
     """1 / max(‖x_ik‖, 1e-12) per token (F.normalize's convention), (N, K) in fp32 (fp64 for fp64 input)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, d = x.shape
-    return x.to(acc).reshape(n, tokens, d // tokens).norm(dim=-1).clamp_min(1e-12).reciprocal()
+    return inv_l2_norm(x.to(acc).reshape(n, tokens, d // tokens)).squeeze(-1)
 
 
 def apply_tokens(x: Tensor, inv: Tensor) -> Tensor:

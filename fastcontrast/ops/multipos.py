@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _tiles as T
+from ._tiles import l2_normalize
 
 
 def group_sums(query_ids: Tensor, key_ids: Tensor, keys: Tensor) -> Tuple[Tensor, Tensor]:
@@ -103,8 +104,8 @@ def infonce_ids_reference(x, y, a, c, bias, image_ids, text_ids, normalize=False
     x, y = x.to(acc), y.to(acc)
     if normalize:
         n, m = x.shape[0], y.shape[0]
-        x = F.normalize(x.reshape(n, tokens, -1), dim=-1).reshape(n, -1)
-        y = F.normalize(y.reshape(m, tokens, -1), dim=-1).reshape(m, -1)
+        x = l2_normalize(x.reshape(n, tokens, -1), dim=-1).reshape(n, -1)
+        y = l2_normalize(y.reshape(m, tokens, -1), dim=-1).reshape(m, -1)
     s = x @ y.T
     b = 0.0 if bias is None else bias.to(acc)
     mask = (image_ids[:, None] == text_ids[None, :]).to(acc)

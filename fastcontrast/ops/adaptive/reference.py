@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._tiles import l2_normalize
+
 # MM-TS defaults (main_lavila_finetune_mir.py: --mmts-alpha, --mmts-num-oscillations, --mmts-shift-min/max)
 MMTS_ALPHA, MMTS_NUM_OSCILLATIONS, MMTS_SHIFT_MIN, MMTS_SHIFT_MAX = 0.08, 5, 0.05, 0.20
 
@@ -58,7 +60,7 @@ def cosine_schedule(step, total_steps, v_min, v_max):
 
 def local_density_reference(features: torch.Tensor, k: int) -> torch.Tensor:
     """Mean cosine similarity of each sample to its k nearest neighbours in the batch (self excluded). (N,)."""
-    f = F.normalize(features.to(torch.float64 if features.dtype == torch.float64 else torch.float32), dim=-1)
+    f = l2_normalize(features.to(torch.float64 if features.dtype == torch.float64 else torch.float32), dim=-1)
     sim = f @ f.T
     sim.fill_diagonal_(float("-inf"))
     return sim.topk(k, dim=1).values.mean(dim=1)
@@ -86,7 +88,7 @@ def adaptive_temperature_clip_loss_reference(x, y, tau_image, tau_text, labels=N
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(acc), y.to(acc)
     if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        x, y = l2_normalize(x, dim=-1), l2_normalize(y, dim=-1)
     s = x @ y.T
     n = x.shape[0]
     if labels is None:
@@ -114,7 +116,7 @@ def max_margin_loss_reference(x, y, margin, labels=None, hardest: bool = False, 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(acc), y.to(acc)
     if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        x, y = l2_normalize(x, dim=-1), l2_normalize(y, dim=-1)
     s = x @ y.T
     n, m_cols = s.shape
     if labels is None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._tiles import l2_normalize
+
 
 @torch.no_grad()
 def sinkhorn_reference(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3) -> torch.Tensor:
@@ -44,9 +46,9 @@ def swapped_prediction_reference(z, q, codebook, tau, normalize_features=True, n
     acc = _acc(z)
     z, c = z.to(acc), codebook.to(acc)
     if normalize_features:
-        z = F.normalize(z, dim=-1)
+        z = l2_normalize(z, dim=-1)
     if normalize_codes:
-        c = F.normalize(c, dim=-1)
+        c = l2_normalize(c, dim=-1)
     logp = torch.log_softmax(z @ c.T / tau, dim=1)
     return -(q.to(acc) * logp).sum(dim=1).mean()
 
@@ -57,9 +59,9 @@ def teacher_scores(teacher_features, codebook, normalize_features=True, normaliz
     acc = _acc(teacher_features)
     z, c = teacher_features.to(acc), codebook.detach().to(acc)
     if normalize_features:
-        z = F.normalize(z, dim=-1)
+        z = l2_normalize(z, dim=-1)
     if normalize_codes:
-        c = F.normalize(c, dim=-1)
+        c = l2_normalize(c, dim=-1)
     return z @ c.T
 
 
@@ -97,15 +99,15 @@ def momentum_contrastive_reference(query, keys, teacher_query=None, queue=None, 
     positive i ↔ i; queue (Q, D) earlier teacher keys; teacher_query (N, D) needed when α > 0.
     """
     acc = _acc(query)
-    q = F.normalize(query.to(acc), dim=-1) if normalize else query.to(acc)
+    q = l2_normalize(query.to(acc), dim=-1) if normalize else query.to(acc)
     with torch.no_grad():
         k = keys if queue is None else torch.cat([keys, queue.to(keys.dtype)])
-        k = F.normalize(k.to(acc), dim=-1) if normalize else k.to(acc)
+        k = l2_normalize(k.to(acc), dim=-1) if normalize else k.to(acc)
         s = torch.as_tensor(logit_scale, dtype=acc, device=query.device).detach()
         target = torch.zeros(q.shape[0], k.shape[0], dtype=acc, device=query.device)
         target[torch.arange(q.shape[0]), torch.arange(q.shape[0])] = 1.0
         if alpha > 0:
-            t = F.normalize(teacher_query.to(acc), dim=-1) if normalize else teacher_query.to(acc)
+            t = l2_normalize(teacher_query.to(acc), dim=-1) if normalize else teacher_query.to(acc)
             target = alpha * torch.softmax(s * t @ k.T, dim=1) + (1 - alpha) * target
     logits = torch.as_tensor(logit_scale, dtype=acc, device=query.device) * q @ k.T
     return -(torch.log_softmax(logits, dim=1) * target).sum(dim=1).mean()

@@ -9,11 +9,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._tiles import l2_normalize
+
 
 def normalize_tokens(x: torch.Tensor, tokens: int) -> torch.Tensor:
     """L2-normalise each of ``tokens`` equal chunks of the last dim: (N, K·d) -> (N, K·d), each chunk on S^{d-1}."""
     n, kd = x.shape
-    return F.normalize(x.reshape(n, tokens, kd // tokens), dim=-1).reshape(n, kd)
+    return l2_normalize(x.reshape(n, tokens, kd // tokens), dim=-1).reshape(n, kd)
 
 
 def lse_pair_reference(x, y, row_scale, col_scale, bias=None):

@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from ..infonce.reference import infonce_reference
+from .._tiles import l2_normalize
 
 
 def oblique_similarity_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """S_ij = Σ_k ⟨x̂_ik, ŷ_jk⟩ ∈ [−K, K]; x (N, K, d), y (M, K, d) -> (N, M)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.einsum("nkd,mkd->nm", F.normalize(x.to(acc), dim=-1), F.normalize(y.to(acc), dim=-1))
+    return torch.einsum("nkd,mkd->nm", l2_normalize(x.to(acc), dim=-1), l2_normalize(y.to(acc), dim=-1))
 
 
 def oblique_clip_loss_reference(x, y, logit_scale, logit_bias=None, labels=None):
