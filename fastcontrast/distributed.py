@@ -9,9 +9,19 @@ Two ways to see the global batch:
   global features or any global×global matrix. The column statistics of a block travel with it and reach its
   owner after a full turn; in backward the block's gradient accumulator travels the same way.
 
-Gradient convention (both modes, as open_clip's ``gather_with_grad``): every rank returns the global loss, and
+SigLIP (:func:`siglip_distributed_loss`, behind ``SigLipLoss(world_size > 1)``) has open_clip's four
+``dist_impl``: "bidir"/"shift" pass text blocks neighbour to neighbour, "reduce" sends each block from its owner
+by a collective, each block scored by the fused op, one block in memory, forward and backward; "gather"
+all-gathers.
+
+Every transfer of a ring step is posted (one ``batch_isend_irecv``; on NCCL from a side CUDA stream) before the
+step's block compute and waited after it, so communication overlaps compute; what the compute produces (column
+statistics, gradient accumulators) travels with the next step's block.
+
+Gradient convention (CLIP, as open_clip's ``gather_with_grad``): every rank returns the global loss, and
 its local features receive ``world_size × ∂loss/∂features``, so DDP's gradient averaging yields the gradient of
-the global loss.
+the global loss. SigLIP returns open_clip's per-rank loss (their mean is the global loss) with open_clip's
+gradients, the same convention after DDP's averaging.
 """
 from __future__ import annotations
 

@@ -136,6 +136,11 @@ def _cases(rank, world, oc):
         out["uneven_ids"] = "no error"
     except ValueError as e:
         out["uneven_ids"] = str(e)
+    try:  # a rank that is not torch.distributed's is named, before any collective
+        fc.SigLipLoss(rank=(rank + 1) % world, world_size=world)(x_all[sl], y_all[sl], 10.0, -5.0)
+        out["wrong_rank"] = "no error"
+    except ValueError as e:
+        out["wrong_rank"] = str(e)
     loss = fc.SigLipLoss(rank=rank, world_size=world)  # equal sizes first, then one rank's size changes
     loss(x_all[sl], y_all[sl], 10.0, -5.0)
     try:
@@ -259,6 +264,7 @@ def test_uneven_local_batches_raise_on_every_rank(world):
     for res in _results(world):
         for key in [f"uneven_{i}" for i in IMPLS] + ["uneven_ids", "uneven_after_equal_step", "uneven_clip_ring"]:
             assert "local batches differ across ranks" in res[key], (key, res[key])
+        assert "SigLipLoss(rank=" in res["wrong_rank"] and "torch.distributed has rank" in res["wrong_rank"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
