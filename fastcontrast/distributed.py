@@ -515,6 +515,26 @@ class _SigLipBlocks(torch.autograd.Function):
                 dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None) + (None,) * 7
 
 
+def _check_ranks_agree(sizes, flags, group) -> None:
+    """One all-gather: the local sizes (as :func:`check_equal_local_batches`) and the call's options (ids given,
+    weighting, dist_impl), which set what travels; every rank raises the same ValueError when they differ."""
+    _, world = _world(group)
+    mine = torch.tensor(list(sizes) + [int(f) for f in flags], dtype=torch.int64)
+    got = [torch.zeros_like(mine) for _ in range(world)]
+    if dist.get_backend(group) == "nccl":
+        mine, got = mine.cuda(), [g.cuda() for g in got]
+    dist.all_gather(got, mine, group=group)
+    rows = [tuple(int(v) for v in g) for g in got]
+    k = len(sizes)
+    if len({r[:k] for r in rows}) != 1:
+        raise ValueError(f"local batches differ across ranks ({[r[:k] for r in rows]}: images, texts, width per "
+                         "rank); every rank must hold the same number of image-text pairs (drop the last uneven "
+                         "batch, e.g. DataLoader(drop_last=True))")
+    if len({r[k:] for r in rows}) != 1:
+        raise ValueError("the ranks called the loss with different options (image_ids/text_ids given, weighting, "
+                         f"dist_impl per rank: {[r[k:] for r in rows]}); every rank must make the same call")
+
+
 def _plan(dist_impl: str, world: int):
     if dist_impl == "shift":
         return ("ring", world - 1, 0)
@@ -568,7 +588,8 @@ def siglip_distributed_loss(image_features: Tensor, text_features: Tensor, logit
         raise ValueError("weighting='inverse_count' needs image_ids and text_ids (the groups of positives)")
     rank, world = _world(group)
     # every rank, every call: a ring fed uneven blocks would hang, and so would a check only some ranks make
-    check_equal_local_batches((n, m, x.shape[1]), group)
+    _check_ranks_agree((n, m, x.shape[1]), (iid is not None, ("none", "inverse_count").index(weighting),
+                                            SIGLIP_DIST_IMPLS.index(dist_impl)), group)
     if iid is None and n != m:
         raise ValueError(f"SigLipLoss pairs image i with text i: got {n} images and {m} texts per rank "
                          "(use image_ids/text_ids for other pairings)")

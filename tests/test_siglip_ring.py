@@ -141,6 +141,12 @@ def _cases(rank, world, oc):
         out["wrong_rank"] = "no error"
     except ValueError as e:
         out["wrong_rank"] = str(e)
+    try:  # ids on one rank only: the blocks would not match; every rank says so
+        ids = dict(image_ids=torch.arange(N_LOCAL), text_ids=torch.arange(N_LOCAL)) if rank == 0 else {}
+        fc.SigLipLoss(rank=rank, world_size=world)(x_all[sl], y_all[sl], 10.0, -5.0, **ids)
+        out["ids_on_one_rank"] = "no error"
+    except ValueError as e:
+        out["ids_on_one_rank"] = str(e)
     loss = fc.SigLipLoss(rank=rank, world_size=world)  # equal sizes first, then one rank's size changes
     loss(x_all[sl], y_all[sl], 10.0, -5.0)
     try:
@@ -264,6 +270,7 @@ def test_uneven_local_batches_raise_on_every_rank(world):
     for res in _results(world):
         for key in [f"uneven_{i}" for i in IMPLS] + ["uneven_ids", "uneven_after_equal_step", "uneven_clip_ring"]:
             assert "local batches differ across ranks" in res[key], (key, res[key])
+        assert "different options" in res["ids_on_one_rank"], res["ids_on_one_rank"]
         assert "SigLipLoss(rank=" in res["wrong_rank"] and "torch.distributed has rank" in res["wrong_rank"]
 
 
