@@ -181,6 +181,17 @@ def labels_guard(labels: Optional[torch.Tensor], upper: int):
     return labels.clamp(0, upper - 1), bad
 
 
+def nonfinite_flag(*tensors) -> Optional[torch.Tensor]:
+    """A 0-d bool tensor, True when any of the tensors holds a NaN or an inf, for :func:`poison` (no host sync);
+    None in debug mode (:func:`check_finite` raised already) or when there is no tensor. For kernels whose
+    comparisons (``z > 0``, max) would drop a NaN instead of propagating it."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not ts or _check_values():
+        return None
+    ok = torch.stack([torch.isfinite(t).all() for t in ts]).all()
+    return ~ok
+
+
 def poison(result, *flags: Optional[torch.Tensor]):
     """``result`` times NaN where any flag of :func:`labels_guard` is set, else times exactly 1 (bit-identical):
     a multiplication, so the NaN reaches the gradients of every input too (a masked_fill would zero them)."""

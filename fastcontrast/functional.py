@@ -138,6 +138,7 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     scale = V.as_scalar_tensor("logit_scale", logit_scale, a)
     bias = _bias(logit_bias, a)
     labels = V.check_labels(labels, a.shape[0], b.shape[0], a)
+    V.check_finite(a=a, b=b)
     _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     labels, bad = V.labels_guard(labels, b.shape[0])
     return V.poison(impl(a, b, scale, bias, labels), bad)
@@ -262,9 +263,11 @@ def max_margin_loss(
     _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0],
                       image_features.dtype)
     labels, bad = V.labels_guard(labels, text_features.shape[0])
+    # the fused hinges' [z]_+ tests z > 0, false for NaN: a NaN feature or margin would vanish into a finite loss
+    nonfinite = V.nonfinite_flag(image_features, text_features, margin)
     # a margin tensor that requires grad gets its gradient (the number of active hinges over the count)
     return V.poison(impl(image_features, text_features, margin, labels, bool(hardest), bool(normalize), reduction),
-                    bad)
+                    bad, nonfinite)
 
 
 def mmts_temperature(
