@@ -48,7 +48,7 @@ if triton is not None:
                 zm = tl.where(neg, z, float("-inf"))
                 bm = tl.max(zm, axis=1)
                 ba = tl.argmax(zm, axis=1).to(tl.int32)
-                upd = bm > best
+                upd = (bm > best) | (bm != bm)  # a NaN (an overflowed S) sticks: the loss says so
                 arg = tl.where(upd, n0 + ba, arg)
                 best = tl.where(upd, bm, best)
                 sc = tl.where(neg & row_mask[:, None], s, float("-inf"))
@@ -56,11 +56,11 @@ if triton is not None:
                 tl.store(PARG + pid * stride_p + cols, pid * BLOCK_M + tl.argmax(sc, axis=0).to(tl.int32),
                          mask=col_mask)
             else:
-                act = neg & (z > 0)
+                act = neg & ((z > 0) | (z != z))  # [z]_+ keeps a NaN (inf − inf of an overflowed S), as clamp does
                 acc += tl.sum(tl.where(act, z, 0.0), axis=1)
                 cnt += tl.sum(act.to(tl.float32), axis=1)
         if HARDEST:
-            tl.store(OUT + rows, tl.maximum(best, 0.0), mask=row_mask)
+            tl.store(OUT + rows, tl.where(best < 0, 0.0, best), mask=row_mask)
             tl.store(CNT + rows, (best > 0).to(tl.float32), mask=row_mask)
             tl.store(ARG + rows, arg, mask=row_mask)
         else:
@@ -105,12 +105,12 @@ if triton is not None:
                         NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
             neg = row_mask[:, None] & col_mask[None, :] & (rows[:, None] != cols[None, :])
             z = off_r[:, None] + s
-            act = neg & (z > 0)
+            act = neg & ((z > 0) | (z != z))
             acc += tl.sum(tl.where(act, z, 0.0), axis=1)
             cnt += tl.sum(act.to(tl.float32), axis=1)
             off_c = tl.load(offset + cols, mask=col_mask, other=0.0)
             zc = off_c[None, :] + s
-            actc = neg & (zc > 0)
+            actc = neg & ((zc > 0) | (zc != zc))
             tl.store(PSUM + pid * stride_p + cols, tl.sum(tl.where(actc, zc, 0.0), axis=0), mask=col_mask)
             tl.store(PCNT + pid * stride_p + cols, tl.sum(actc.to(tl.float32), axis=0), mask=col_mask)
         tl.store(OUT + rows, acc, mask=row_mask)
@@ -134,8 +134,8 @@ if triton is not None:
         neg = valid & (rows[:, None] != cols[None, :])
         zr = off_r[:, None] + s
         zc = off_c[None, :] + s
-        act_r = neg & (zr > 0)
-        act_c = neg & (zc > 0)
+        act_r = neg & ((zr > 0) | (zr != zr))  # NaN kept (see _hinge_rows_kernel)
+        act_c = neg & ((zc > 0) | (zc != zc))
         w = act_r.to(tl.float32) + act_c.to(tl.float32)
         tl.store(W + local[:, None] * stride_wm + cols[None, :], w.to(W.dtype.element_ty), mask=valid)
         hinge = tl.where(act_r, zr, 0.0) + tl.where(act_c, zc, 0.0)
