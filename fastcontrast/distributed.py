@@ -45,17 +45,45 @@ def _world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+_HOST_GROUPS: dict = {}
+
+
+def _host_group(group):
+    """A gloo group over ``group``'s ranks, made once per group: the per-call agreement checks then run between
+    the hosts' CPUs and never wait on (or sync) a GPU stream, as an all-gather on an NCCL group would. Without
+    gloo the group itself is used, with tensors on the current CUDA device."""
+    if dist.get_backend(group) == "gloo" or not dist.is_gloo_available():
+        return group
+    key = id(group) if group is not None else None
+    g = _HOST_GROUPS.get(key)
+    if g is None:  # every member rank reaches this at its first distributed loss call: the same collective
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        g = _HOST_GROUPS[key] = dist.new_group(ranks=sorted(ranks), backend="gloo",
+                                               use_local_synchronization=True)
+    return g
+
+
+def _all_gather_ints(values, group):
+    """Every rank's int64 vector ``values`` (same length on every rank), gathered on the host."""
+    _, world = _world(group)
+    host = _host_group(group)
+    mine = torch.tensor(list(values), dtype=torch.int64)
+    if dist.get_backend(host) != "gloo":
+        mine = mine.cuda()
+    got = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine, group=host)
+    return [tuple(int(v) for v in g) for g in got]
+
+
 def check_equal_local_batches(n_local, group=None) -> None:
     """All ranks must hold the same local sizes (all_gather needs it, pairs i↔i must share a rank, and a ring's
     receive buffers are shaped like the sender's block). ``n_local``: an int, or a tuple of ints (e.g. images,
-    texts, feature width) compared as a whole. Every rank raises the same ValueError, so none is left waiting."""
-    _, world = _world(group)
-    mine = torch.tensor(list(n_local) if isinstance(n_local, (tuple, list)) else [n_local], dtype=torch.int64)
-    sizes = [torch.zeros_like(mine) for _ in range(world)]
-    if dist.get_backend(group) == "nccl":
-        mine, sizes = mine.cuda(), [s.cuda() for s in sizes]
-    dist.all_gather(sizes, mine, group=group)
-    got = [tuple(int(v) for v in s) if s.numel() > 1 else int(s) for s in sizes]
+    texts, feature width) compared as a whole. Every rank raises the same ValueError, so none is left waiting.
+    Called on every step (a rank whose size changed while the others' did not must meet them in the same
+    collective), over a gloo group of the same ranks: one all-gather of a few ints between the hosts per call,
+    no GPU sync."""
+    rows = _all_gather_ints(n_local if isinstance(n_local, (tuple, list)) else [n_local], group)
+    got = [r if len(r) > 1 else r[0] for r in rows]
     if len(set(got)) != 1:
         raise ValueError(f"local batches differ across ranks ({got}); every rank must hold the same number of "
                          "image-text pairs (drop the last uneven batch, e.g. DataLoader(drop_last=True))")
@@ -518,13 +546,7 @@ class _SigLipBlocks(torch.autograd.Function):
 def _check_ranks_agree(sizes, flags, group) -> None:
     """One all-gather: the local sizes (as :func:`check_equal_local_batches`) and the call's options (ids given,
     weighting, dist_impl), which set what travels; every rank raises the same ValueError when they differ."""
-    _, world = _world(group)
-    mine = torch.tensor(list(sizes) + [int(f) for f in flags], dtype=torch.int64)
-    got = [torch.zeros_like(mine) for _ in range(world)]
-    if dist.get_backend(group) == "nccl":
-        mine, got = mine.cuda(), [g.cuda() for g in got]
-    dist.all_gather(got, mine, group=group)
-    rows = [tuple(int(v) for v in g) for g in got]
+    rows = _all_gather_ints(list(sizes) + [int(f) for f in flags], group)
     k = len(sizes)
     if len({r[:k] for r in rows}) != 1:
         raise ValueError(f"local batches differ across ranks ({[r[:k] for r in rows]}: images, texts, width per "

@@ -41,7 +41,6 @@ class ClipLoss(nn.Module):
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
         self.backend, self.normalize, self.mode = backend, normalize, mode
-        self._checked_batch = None
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False,
                 image_ids=None, text_ids=None):
@@ -109,10 +108,7 @@ class ClipLoss(nn.Module):
                              "use mode='gather'")
         n, m = image_features.shape[0], text_features.shape[0]
         image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
-        if self._checked_batch != (n, m):  # the gathers need one local size per side on every rank
-            D.check_equal_local_batches(n)
-            D.check_equal_local_batches(m)
-            self._checked_batch = (n, m)
+        D.check_equal_local_batches((n, m))  # the gathers need one local size per side on every rank
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
             text_features = torch.nn.functional.normalize(text_features, dim=-1)
@@ -138,9 +134,7 @@ class ClipLoss(nn.Module):
         if self.mode == "ring":
             return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize)
         n = image_features.shape[0]
-        if self._checked_batch != n:  # one extra collective per new local batch size, not per step
-            D.check_equal_local_batches(n)
-            self._checked_batch = n
+        D.check_equal_local_batches(n)  # every call: a host-side all-gather (distributed._host_group)
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
             text_features = torch.nn.functional.normalize(text_features, dim=-1)
@@ -238,7 +232,6 @@ class _MMTS(nn.Module):
         if self.rank >= self.world_size:
             raise ValueError(f"rank must lie in [0, world_size) = [0, {self.world_size}), got {self.rank}")
         self.local_loss, self.gather_with_grad = bool(local_loss), bool(gather_with_grad)
-        self._checked_batch = None  # the local size the ranks last agreed on (host state)
 
     # the schedule's configuration, c_min/c_max derived from the data: it travels with the state_dict (not the
     # rank/world arguments, which belong to the process that loads it)
@@ -297,7 +290,7 @@ class _MMTS(nn.Module):
 
     def _distributed_tau(self, image_features, text_features, t, name) -> torch.Tensor:
         """Checks on this rank first (a bad input fails where it is, before any collective), then that every
-        rank holds the same local batch: one collective per new local size, not per step. Returns τ (n,)."""
+        rank holds the same local batch (every call, on the host: distributed._host_group). Returns τ (n,)."""
         import torch.distributed as dist
 
         from . import distributed as D
@@ -315,9 +308,7 @@ class _MMTS(nn.Module):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.numel() == 1 and n != 1:  # one τ for all pairs
             t = V.as_scalar_tensor(name, t, image_features).expand(n).contiguous()
         t = V.check_vector(name, t, n, image_features)  # cluster_sizes: one per local pair, on the features' device
-        if self._checked_batch != n:
-            D.check_equal_local_batches(n)
-            self._checked_batch = n
+        D.check_equal_local_batches(n)  # every call: a host-side all-gather (distributed._host_group)
         return t
 
 
@@ -564,8 +555,9 @@ class FeatureQueue(nn.Module):
 
         x = x.detach()
         if self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from .distributed import all_gather_with_grad
+            from .distributed import all_gather_with_grad, check_equal_local_batches
 
+            check_equal_local_batches(x.shape[0])  # the gather needs one size on every rank: a clear error
             x = all_gather_with_grad(x)  # no gradient flows here: enqueue runs under no_grad
         x = x[-self.length:]
         b = x.shape[0]
@@ -717,9 +709,7 @@ class DistillClipLoss(ClipLoss):
         from .dispatch import resolve
 
         n = x.shape[0]
-        if self._checked_batch != n:  # one extra collective per new local batch size, not per step
-            D.check_equal_local_batches(n)
-            self._checked_batch = n
+        D.check_equal_local_batches(n)  # every call: a host-side all-gather (distributed._host_group)
         all_x, all_y = D.gather_features(x, y, self.local_loss, self.gather_with_grad)
         with torch.no_grad():
             all_tx, all_ty = D.gather_features(tx.detach(), ty.detach(), True, False)

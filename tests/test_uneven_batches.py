@@ -36,7 +36,7 @@ CASES = (
     + [f"distill:local{lo:d}:grad{gr:d}" for lo, gr in [(False, True), (True, False)]]
     + [f"mmts_clip:local{lo:d}:grad{gr:d}" for lo, gr in GATHER_MODES]
     + [f"mmts_max_margin:local{lo:d}:grad{gr:d}" for lo, gr in [(False, True), (True, True), (False, False)]]
-    + ["sinkhorn", "codebook"]
+    + ["host_group", "sinkhorn", "codebook"]
 )
 
 
@@ -96,6 +96,18 @@ def _run_case(case, rank):
         if rank == 0:  # rank 0 now N − 1 (new: it checks), rank 1 still N (cached: it does not)
             return call(x, y)
         return call(x_all[N:2 * N], y_all[N:2 * N])
+    if name == "host_group":  # an NCCL job: the check runs on a gloo side group made once, not on NCCL
+        from fastcontrast import distributed as Dm
+
+        real = dist.get_backend
+        Dm.dist.get_backend = lambda group=None: "nccl" if group is None else real(group)
+        try:
+            Dm.check_equal_local_batches(N)  # equal: passes, and makes the side group
+            Dm.check_equal_local_batches(N)
+            assert len(Dm._HOST_GROUPS) == 1 and real(Dm._HOST_GROUPS[None]) == "gloo", Dm._HOST_GROUPS
+            return Dm.check_equal_local_batches(n)  # uneven: the same ValueError on both ranks
+        finally:
+            Dm.dist.get_backend = real
     if name == "feature_queue":  # ALBEF's concat_all_gather of the teacher features (CodisLoss's queues)
         q = fc.FeatureQueue(16, D)
         q.enqueue(x.detach())
@@ -186,17 +198,12 @@ def test_distributed_sinkhorn_on_uneven_rows_is_the_global_sinkhorn(results):
     assert all(torch.isfinite(r["value"]).all() for r in results["codebook"])
 
 
-@pytest.mark.xfail(strict=True, reason="FeatureQueue.enqueue all-gathers without a size check (modules.py, "
-                   "class FeatureQueue): on gloo the ranks meet a size mismatch inside the gather and one aborts")
 def test_feature_queue_uneven_fails_clearly():
     out, crashed = _spawn(["feature_queue"])
     assert crashed is None, crashed
     _assert_same_clear_error(out.get("feature_queue"), "feature_queue")
 
 
-@pytest.mark.xfail(strict=True, reason="the equal-batch check runs once per new local size (no per-step "
-                   "sync): a rank at a size it already checked skips it while a peer whose size changed runs it, "
-                   "and the ranks meet different collectives")
 @pytest.mark.parametrize("case", ["clip_after_equal_step", "mmts_clip_after_equal_step"])
 def test_a_size_change_on_one_rank_after_a_checked_step_fails_clearly(case):
     out, crashed = _spawn([case])
