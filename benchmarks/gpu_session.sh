@@ -67,7 +67,7 @@ for s in $STEPS; do
              --impls "fastcontrast[triton],compiled,eager,Inf-CL,siglip-kernel,open_clip" ;;
     resources) step resources 45 "$OUT/resources.md" $PY benchmarks/kernel_resources.py ;;
     tests) step tests 120 "$OUT/pytest.log" $PY -m pytest -q -x -p no:cacheprovider tests/test_infonce_kernels.py \
-             tests/test_siglip.py tests/test_margin_kernels.py tests/test_triton_variants.py ;;
+             tests/test_siglip.py tests/test_margin_kernels.py tests/test_triton_variants.py tests/test_deterministic.py ;;
     crossover) step crossover 60 "$OUT/session.crossover.txt" $PY benchmarks/overhead_and_crossover.py --device $DEV \
                  --sizes 1024,2048,4096,8192,16384 ;;
     build) step build 300 "$OUT/session.build.txt" env FASTCONTRAST_JIT=1 $PY -c "from fastcontrast import _ext; \
