@@ -34,10 +34,16 @@ def _check_image_text(image_features, text_features):
 
 def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend, ids=None):
     name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0], x.dtype)
+    # A constant bias cancels in every softmax here (lse(l + b) − (l_p + b)): it changes nothing but the rounding,
+    # and a |b| ≫ |s·S| leaves the logits no digits (kernels that add b to the lse and take it off again then
+    # overflow exp). So the loss is computed without it; 0·b keeps its exactly-zero gradient and its NaN.
+    zero = None if bias is None else bias * 0
     if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (ops/multipos.py)
-        return _multipos.infonce_ids(name, x, y, row_scale, col_scale, bias, ids[0], ids[1], normalize, tokens)
+        loss = _multipos.infonce_ids(name, x, y, row_scale, col_scale, None, ids[0], ids[1], normalize, tokens)
+        return loss if zero is None else loss + zero.to(loss.dtype)
     labels, bad = V.labels_guard(labels, y.shape[0])  # out-of-range labels: NaN, not a plausible number
-    return V.poison(impl(x, y, row_scale, col_scale, bias, labels, normalize, tokens), bad)
+    loss = impl(x, y, row_scale, col_scale, None, labels, normalize, tokens)
+    return V.poison(loss if zero is None else loss + zero.to(loss.dtype), bad)
 
 
 def _ids_or_labels(image_ids, text_ids, labels, n, m, like):
@@ -141,7 +147,8 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     V.check_finite(a=a, b=b)
     _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     labels, bad = V.labels_guard(labels, b.shape[0])
-    return V.poison(impl(a, b, scale, bias, labels), bad)
+    loss = impl(a, b, scale, None, labels)  # the bias cancels in the softmax: see _infonce
+    return V.poison(loss if bias is None else loss + (bias * 0).to(loss.dtype), bad)
 
 
 @autocast_aware("image_tokens", "text_tokens")
@@ -520,8 +527,8 @@ def distill_clip_loss(
     V.check_pair("teacher_image_features", teacher_image_features, "teacher_text_features", teacher_text_features)
     n = image_features.shape[0]
     if text_features.shape[0] != n:
-        raise ValueError(f"distill_clip_loss pairs image i with text i: batches must match, got {n} images and "
-                         f"{text_features.shape[0]} texts")
+        raise ValueError(f"distill_clip_loss pairs image i with text i: batches must match, got {n} rows in "
+                         f"image_features and {text_features.shape[0]} in text_features")
     for nm, t in (("teacher_image_features", teacher_image_features),
                   ("teacher_text_features", teacher_text_features)):
         if t.shape[0] != n:
