@@ -199,111 +199,194 @@ def _shift_ops(send: List[Tensor], recv: List[Tensor], to: int, frm: int, tag: i
 
 
 # ------------------------------------------------------------------------------------------------------ ring
+_TAG_BLK, _TAG_STAT = 0, 8  # CLIP ring message kinds: a block's parts (up to 4), its statistics / gradient
+
+
+def _ring_pos(xa: Tensor, yb: Tensor, iid: Tensor, tb: Tensor, r: Tensor, cb: Tensor):
+    """The block's target terms T_row = Σ_{u_i = t_j} r_i⟨x_i, y_j⟩ = ⟨x, gx_row⟩ and T_col = Σ_{u_i = t_j}
+    c_j⟨x_i, y_j⟩ = ⟨x, gx_col⟩: returns (gx_row, gx_col) (N, D), gx_row_i = r_i Σ_{j∈P(i)} y_j,
+    gx_col_i = Σ_{j∈P(i)} c_j y_j, over the block's texts yb (M_b, D) with ids tb and weights cb (M_b,). Group
+    sums (ops/multipos.py): no N×M_b mask."""
+    y_sum, _ = MP.group_sums(iid, tb, yb)
+    yc_sum, _ = MP.group_sums(iid, tb, cb[:, None] * yb)
+    return r[:, None] * y_sum, yc_sum
+
+
+def _ring_pos_dy(x: Tensor, iid: Tensor, tb: Tensor, r: Tensor, cb: Tensor, wr: Tensor, wc: Tensor) -> Tensor:
+    """∂(wr·T_row + wc·T_col)/∂y_b (M_b, D) for the block's texts: Σ_{i: u_i = t_j} (wr·r_i + wc·c_j) x_i."""
+    xr_sum, _ = MP.group_sums(tb, iid, r[:, None] * x)
+    x_sum, _ = MP.group_sums(tb, iid, x)
+    return wr * xr_sum + (wc * cb)[:, None] * x_sum
+
+
 class _RingInfoNCE(torch.autograd.Function):
     """The CLIP ring. Step k: rank r scores block r−k. The next block's transfer is posted before the block's
     compute and waited after it; the block's column statistics (forward) and gradient accumulator (backward)
-    change with the compute, so they travel one step later, in the same posted batch as the next block."""
+    change with the compute, so they travel one step later, in the same posted batch as the next block.
+
+    With ids (``iid`` (N,), ``tid`` (M,), ``r`` = 1/k_i, ``c`` = 1/k'_j from the global counts, 0 where a row
+    has no positive) a block carries its text ids and c with it, so the targets t_ij = [u_i = t_j]·r_i (rows)
+    and ·c_j (columns) are local to the block: the target terms are per-block group sums (:func:`_ring_pos`),
+    rows and columns with no positive are masked out of the lse terms, and the backward coefficient of each
+    block is softmax − target (the lse slabs with the masked weights, and the group sums)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, group):
+    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, iid, tid, r, c, group):
         rank, world = _world(group)
         nxt, prv = (rank + 1) % world, (rank - 1) % world
-        n = x.shape[0]
+        n, m = x.shape[0], y.shape[0]
+        ids = iid is not None
         acc = T.acc_dtype(x)
-        a = scale.to(acc).expand(n).contiguous()
+        a, ac = scale.to(acc).expand(n).contiguous(), scale.to(acc).expand(m).contiguous()
         b = bias.to(acc)
+        xa = x.to(acc) if ids else None
         lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
-        blk, col = y.contiguous(), None  # col: the accumulated column lse of the block held one step ago
+        gx_row = gx_col = None  # with ids: Σ over blocks of the target terms' x-gradients (N, D)
+        blk = [y.contiguous()] + ([tid.contiguous(), c.contiguous()] if ids else [])
+        col = None  # the accumulated column lse of the block held one step ago
         for step in range(world):
             ops, nblk, ncol = [], None, None
             if step < world - 1:  # the next block, while this one is scored
-                nblk = torch.empty_like(blk)
-                ops += _shift_ops([blk], [nblk], nxt, prv, 0)
+                nblk = _empties(blk)
+                ops += _shift_ops(blk, nblk, nxt, prv, _TAG_BLK)
             if step > 0:  # the statistics of this block, accumulated by the ranks it visited before
                 ncol = torch.empty_like(col)
-                ops += _shift_ops([col], [ncol], nxt, prv, 1)
+                ops += _shift_ops([col], [ncol], nxt, prv, _TAG_STAT)
             pending = _post(ops, group, x.device)
-            lr, lc = _lse_pair_impl(x, blk, a, a, b, False, 1, "auto")
+            lr, lc = _lse_pair_impl(x, blk[0], a, ac, b, False, 1, "auto")
             lse_r = torch.logaddexp(lse_r, lr.to(acc))
+            if ids:
+                gr, gc = _ring_pos(xa, blk[0].to(acc), iid, blk[1], r, blk[2])
+                gx_row = gr if gx_row is None else gx_row + gr
+                gx_col = gc if gx_col is None else gx_col + gc
             pending.wait()
             col = lc.to(acc) if ncol is None else torch.logaddexp(ncol, lc.to(acc))
             if nblk is not None:
                 blk = nblk
         if world > 1:  # block r+1's statistics go home; block r's arrive after their full turn
             lse_c = torch.empty_like(col)
-            _post(_shift_ops([col], [lse_c], nxt, prv, 1), group, x.device).wait()
+            _post(_shift_ops([col], [lse_c], nxt, prv, _TAG_STAT), group, x.device).wait()
         else:
             lse_c = col
-        pos = (x.to(acc) * y.to(acc)).sum(dim=1)
-        local = (lse_r - a * pos - b).sum() + (lse_c - a * pos - b).sum()
-        total = local.detach().clone()
-        dist.all_reduce(total, group=group)
-        n_global = n * world
-        ctx.save_for_backward(x, y, a, b, lse_r, lse_c, pos)
-        ctx.group, ctx.n_global = group, n_global
-        return total / (2 * n_global)
+        n_global, m_global = n * world, m * world
+        ctx.group, ctx.n_global, ctx.m_global, ctx.ids = group, n_global, m_global, ids
+        if not ids:
+            pos = (x.to(acc) * y.to(acc)).sum(dim=1)
+            local = (lse_r - a * pos - b).sum() + (lse_c - a * pos - b).sum()
+            total = local.detach().clone()
+            dist.all_reduce(total, group=group)
+            ctx.save_for_backward(x, y, a, b, lse_r, lse_c, pos)
+            return total / (2 * n_global)
+        # rows (columns) with no positive anywhere add 0 and still count in the mean over N (M) rows
+        t_row, t_col = (xa * gx_row).sum(), (xa * gx_col).sum()
+        sums = torch.stack([torch.where(r > 0, lse_r - b, 0.0).sum() - a[0] * t_row,
+                            torch.where(c > 0, lse_c - b, 0.0).sum() - a[0] * t_col]).detach()
+        dist.all_reduce(sums, group=group)
+        ctx.save_for_backward(x, y, a, ac, b, lse_r, lse_c, iid, tid, r, c, gx_row, gx_col, t_row, t_col)
+        return 0.5 * (sums[0] / n_global + sums[1] / m_global)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, y, a, b, lse_r, lse_c, pos = ctx.saved_tensors
+        if ctx.ids:
+            x, y, a, ac, b, lse_r, lse_c, iid, tid, r, c, gx_row, gx_col, t_row, t_col = ctx.saved_tensors
+        else:
+            x, y, a, b, lse_r, lse_c, pos = ctx.saved_tensors
+            ac = a
         rank, world = _world(ctx.group)
         nxt, prv = (rank + 1) % world, (rank - 1) % world
         n = x.shape[0]
         acc = a.dtype
         # world× so that DDP's averaging of parameter gradients gives the global loss's gradient
-        w = (g.to(acc) * world / (2 * ctx.n_global)).expand(n).contiguous()
+        wr = g.to(acc) * world / (2 * ctx.n_global)
+        wc = g.to(acc) * world / (2 * ctx.m_global)
+        w_row = (torch.where(r > 0, wr, 0.0) if ctx.ids else wr.expand(n)).contiguous()
+        xa = x.to(acc) if ctx.ids else None
         use_triton = T.triton_ok(x)
         dx = torch.zeros(n, x.shape[1], dtype=acc, device=x.device)
         da_total = torch.zeros((), dtype=acc, device=x.device)
-        blk, blk_lse, blk_dy = y.contiguous(), lse_c, None
+        blk = [y.contiguous(), lse_c] + ([tid.contiguous(), c.contiguous()] if ctx.ids else [])
+        blk_dy = None
         for step in range(world):
-            ops, nblk, nlse, ndy = [], None, None, None
+            ops, nblk, ndy = [], None, None
             if step < world - 1:
-                nblk, nlse = torch.empty_like(blk), torch.empty_like(blk_lse)
-                ops += _shift_ops([blk, blk_lse], [nblk, nlse], nxt, prv, 0)
+                nblk = _empties(blk)
+                ops += _shift_ops(blk, nblk, nxt, prv, _TAG_BLK)
             if step > 0:
                 ndy = torch.empty_like(blk_dy)
-                ops += _shift_ops([blk_dy], [ndy], nxt, prv, 2)
+                ops += _shift_ops([blk_dy], [ndy], nxt, prv, _TAG_STAT)
             pending = _post(ops, ctx.group, x.device)
-            dxh, dyh, da, dc = _lse_backward_slabs(w, w, x, blk, a, a, b, lse_r, blk_lse, False, 1, use_triton)
+            if ctx.ids:  # softmax − target: the masked lse slabs, and the block's target terms
+                w_col = torch.where(blk[3] > 0, wc, 0.0).contiguous()
+            else:
+                w_col = w_row
+            dxh, dyh, da, dc = _lse_backward_slabs(w_row, w_col, x, blk[0], a, ac, b, lse_r, blk[1], False, 1,
+                                                   use_triton)
             dx += dxh
             da_total = da_total + da.sum() + dc.sum()
+            dyh = dyh.to(acc)
+            if ctx.ids:
+                dyh = dyh - a[0] * _ring_pos_dy(xa, iid, blk[2], r, blk[3], wr, wc)
             pending.wait()
-            blk_dy = dyh.to(acc) if ndy is None else ndy + dyh
+            blk_dy = dyh if ndy is None else ndy + dyh
             if nblk is not None:
-                blk, blk_lse = nblk, nlse
+                blk = nblk
         if world > 1:
             dy = torch.empty_like(blk_dy)
-            _post(_shift_ops([blk_dy], [dy], nxt, prv, 2), ctx.group, x.device).wait()
+            _post(_shift_ops([blk_dy], [dy], nxt, prv, _TAG_STAT), ctx.group, x.device).wait()
         else:
             dy = blk_dy
-        # the positive terms −a·pos appear once in each direction
-        dx = dx - (2 * w * a)[:, None] * y.to(acc)
-        dy = dy - (2 * w * a)[:, None] * x.to(acc)
-        dscale = da_total - (2 * w * pos).sum()
-        # d/d bias: Σ P = Σ Q = 1 per row/column cancels the −b of each term
-        return dx.to(x.dtype), dy.to(y.dtype), dscale.reshape(()), torch.zeros_like(b), None
+        if ctx.ids:
+            dx = dx - a[0] * (wr * gx_row + wc * gx_col)
+            dscale = da_total - (wr * t_row + wc * t_col)
+        else:  # the positive terms −a·pos appear once in each direction
+            dx = dx - (2 * w_row * a)[:, None] * y.to(acc)
+            dy = dy - (2 * w_row * a)[:, None] * x.to(acc)
+            dscale = da_total - (2 * w_row * pos).sum()
+        # d/d bias: Σ P = Σ Q = 1 per row/column cancels the −b of each term (rows without a positive have none)
+        return (dx.to(x.dtype), dy.to(y.dtype), dscale.reshape(()), torch.zeros_like(b)) + (None,) * 5
 
 
 def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
-                   normalize: bool = False, group=None) -> Tensor:
+                   normalize: bool = False, group=None, image_ids: Optional[Tensor] = None,
+                   text_ids: Optional[Tensor] = None) -> Tensor:
     """CLIP's symmetric InfoNCE over the whole distributed batch, computed around a ring of ranks.
 
     image_features, text_features: this rank's (N_local, D) pairs (equal N_local on every rank). Returns the
     global loss on every rank. Memory per rank: O(N_local·D) plus one block in flight; never the global batch.
+
+    ``image_ids`` (N_local,), ``text_ids`` (M_local,) (then M_local may differ from N_local): multiple positives
+    as :func:`fastcontrast.clip_loss` with ids (UniCL), ½[mean_i ℓ_i + mean_j ℓ'_j] over the global batch, row
+    i's target uniform over every rank's texts with its id. The global counts k_i, k'_j come from one all-gather
+    of the ids (N·W ints); each text block carries its ids and 1/k'_j around the ring.
     """
     V.check_features("image_features", image_features, 2)
     V.check_features("text_features", text_features, 2)
-    V.check_pair("image_features", image_features, "text_features", text_features, same_batch=True)
-    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
-    bias = torch.zeros((), device=image_features.device) if logit_bias is None else \
-        V.as_scalar_tensor("logit_bias", logit_bias, image_features, positive=False)
-    V.check_finite(image_features=image_features, text_features=text_features)
-    check_equal_local_batches(image_features.shape[0], group)
+    V.check_pair("image_features", image_features, "text_features", text_features)
     x, y = image_features, text_features
-    if normalize:
-        x, y = F.normalize(x.float(), dim=-1).to(x.dtype), F.normalize(y.float(), dim=-1).to(y.dtype)
-    return _RingInfoNCE.apply(x, y, scale, bias, group)
+    n, m = x.shape[0], y.shape[0]
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, x)
+    bias = torch.zeros((), device=x.device) if logit_bias is None else \
+        V.as_scalar_tensor("logit_bias", logit_bias, x, positive=False)
+    iid, tid = MP.check_ids(image_ids, text_ids, n, m, x)
+    # every rank, every call: a ring fed uneven blocks, or blocks with ids on some ranks only, would hang
+    _check_ranks_agree((n, m, x.shape[1]), (iid is not None,), group, options="image_ids/text_ids given")
+    if iid is None and n != m:
+        raise ValueError(f"image_features has batch {n} but text_features has batch {m}; the ring pairs image i "
+                         "with text i (pass image_ids/text_ids for other pairings)")
+    V.check_finite(image_features=x, text_features=y)
+    r = c = None
+    if iid is not None:  # k_i: every rank's texts with image i's id; k'_j: every rank's images with text j's
+        with torch.no_grad():
+            acc = T.acc_dtype(x)
+            all_iid, all_tid = _all_ids(iid, group), _all_ids(tid, group)
+            _, k_row = MP.group_sums(iid, all_tid, torch.ones(all_tid.shape[0], 1, dtype=acc, device=x.device))
+            _, k_col = MP.group_sums(tid, all_iid, torch.ones(all_iid.shape[0], 1, dtype=acc, device=x.device))
+            r = torch.where(k_row > 0, 1.0 / k_row.clamp_min(1), 0.0)
+            c = torch.where(k_col > 0, 1.0 / k_col.clamp_min(1), 0.0)
+    if normalize:  # in the accumulation dtype: fp32 for half inputs, float64 stays float64
+        acc = T.acc_dtype(x)
+        x, y = F.normalize(x.to(acc), dim=-1).to(x.dtype), F.normalize(y.to(acc), dim=-1).to(y.dtype)
+    return _RingInfoNCE.apply(x, y, scale, bias, iid, tid, r, c, group)
 
 
 def ring_available(group: Optional[object] = None) -> bool:
@@ -543,9 +626,11 @@ class _SigLipBlocks(torch.autograd.Function):
                 dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None) + (None,) * 7
 
 
-def _check_ranks_agree(sizes, flags, group) -> None:
-    """One all-gather: the local sizes (as :func:`check_equal_local_batches`) and the call's options (ids given,
-    weighting, dist_impl), which set what travels; every rank raises the same ValueError when they differ."""
+def _check_ranks_agree(sizes, flags, group,
+                       options: str = "image_ids/text_ids given, weighting, dist_impl") -> None:
+    """One all-gather: the local sizes (as :func:`check_equal_local_batches`) and the call's options (``options``
+    names them: SigLIP's ids given, weighting, dist_impl; the CLIP ring's ids given), which set what travels;
+    every rank raises the same ValueError when they differ."""
     rows = _all_gather_ints(list(sizes) + [int(f) for f in flags], group)
     k = len(sizes)
     if len({r[:k] for r in rows}) != 1:
@@ -553,8 +638,8 @@ def _check_ranks_agree(sizes, flags, group) -> None:
                          "rank); every rank must hold the same number of image-text pairs (drop the last uneven "
                          "batch, e.g. DataLoader(drop_last=True))")
     if len({r[k:] for r in rows}) != 1:
-        raise ValueError("the ranks called the loss with different options (image_ids/text_ids given, weighting, "
-                         f"dist_impl per rank: {[r[k:] for r in rows]}); every rank must make the same call")
+        raise ValueError(f"the ranks called the loss with different options ({options} per rank: "
+                         f"{[r[k:] for r in rows]}); every rank must make the same call")
 
 
 def _plan(dist_impl: str, world: int):

@@ -19,6 +19,11 @@ class ClipLoss(nn.Module):
     ``world_size > 1`` (torch.distributed initialised) it gathers like open_clip (``local_loss``,
     ``gather_with_grad``), or with ``mode="ring"`` passes blocks around the ranks and never holds the global batch
     (:func:`fastcontrast.distributed.ring_clip_loss`).
+    ``image_ids`` (N,), ``text_ids`` (M,) (this package's): pairs with equal ids are positives, each row's target
+    uniform over its positives on every rank (UniCL; fastcontrast.clip_loss); the gather modes gather the ids with
+    the features, the ring carries each text block's ids with it (global counts from one all-gather of the ids).
+    Every call checks that all ranks hold the same local sizes and all or none pass ids: else the same
+    ValueError on every rank.
     """
 
     def __init__(
@@ -103,12 +108,13 @@ class ClipLoss(nn.Module):
         from .dispatch import resolve
         from .ops import multipos as MP
 
-        if self.mode == "ring":
-            raise ValueError("image_ids/text_ids are not supported with mode='ring' (the ring passes no ids); "
-                             "use mode='gather'")
+        if self.mode == "ring":  # each text block carries its ids; counts from one all-gather of the ids
+            return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize,
+                                    image_ids=image_ids, text_ids=text_ids)
         n, m = image_features.shape[0], text_features.shape[0]
         image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
-        D.check_equal_local_batches((n, m))  # the gathers need one local size per side on every rank
+        # the gathers need one local size per side on every rank, and ids on all of them or none
+        D._check_ranks_agree((n, m, image_features.shape[1]), (True,), None, options="image_ids/text_ids given")
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
             text_features = torch.nn.functional.normalize(text_features, dim=-1)
@@ -134,7 +140,9 @@ class ClipLoss(nn.Module):
         if self.mode == "ring":
             return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize)
         n = image_features.shape[0]
-        D.check_equal_local_batches(n)  # every call: a host-side all-gather (distributed._host_group)
+        # every call: a host-side all-gather (distributed._host_group); a rank given ids makes the same one
+        D._check_ranks_agree((n, n, image_features.shape[1]), (False,), None,
+                             options="image_ids/text_ids given")
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
             text_features = torch.nn.functional.normalize(text_features, dim=-1)

@@ -211,7 +211,7 @@ def _global(world):
     return _case(world * N_LOCAL, world * M_LOCAL, 6, 7, 99)
 
 
-def _worker(rank, world, init_file, out_dir, local_loss, gather_with_grad):
+def _worker(rank, world, init_file, out_dir, local_loss, gather_with_grad, mode="gather"):
     os.environ.pop("TRITON_INTERPRET", None)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
@@ -219,7 +219,7 @@ def _worker(rank, world, init_file, out_dir, local_loss, gather_with_grad):
         x, y, iid, tid = _global(world)
         si, st = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL), slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
         loss_obj = fc.ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world,
-                               normalize=True)
+                               normalize=True, mode=mode)
         out = _grads(lambda x, y, s: loss_obj(x, y, s, image_ids=iid[si], text_ids=tid[st]), x[si], y[st],
                      torch.tensor(3.0, dtype=torch.float64))
         torch.save(out, os.path.join(out_dir, f"r{rank}.pt"))
@@ -231,10 +231,13 @@ def _worker(rank, world, init_file, out_dir, local_loss, gather_with_grad):
     os._exit(0)
 
 
-@pytest.mark.parametrize("local_loss,gather_with_grad", [(False, False), (False, True), (True, True)])
-def test_two_ranks_equal_one_process(local_loss, gather_with_grad):
+@pytest.mark.parametrize("local_loss,gather_with_grad,mode", [(False, False, "gather"), (False, True, "gather"),
+                                                               (True, True, "gather"), (False, False, "ring")])
+def test_two_ranks_equal_one_process(local_loss, gather_with_grad, mode):
+    # mode="ring" carries each text block's ids around the ring (more cases: tests/test_ring_ids.py)
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d, local_loss, gather_with_grad), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d, local_loss, gather_with_grad, mode), nprocs=2,
+                 join=True)
         res = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(2)]
     x, y, iid, tid = _global(2)
     n, m = x.shape[0], y.shape[0]
@@ -244,7 +247,8 @@ def test_two_ranks_equal_one_process(local_loss, gather_with_grad):
     assert torch.allclose(loss, want[0], rtol=1e-10)
     # DDP averages the ranks' gradients; with local_loss=False each rank holds the global loss, its local slice
     # of the gradient is (a share of) the global one: compare the rank-summed gradients to one process's
-    scale = 0.5 if local_loss else (0.5 if gather_with_grad else 1.0)
+    # (the ring's convention is gather_with_grad's: each rank's features get world × the global gradient)
+    scale = 0.5 if local_loss or gather_with_grad or mode == "ring" else 1.0
     dx = torch.cat([r[1] for r in res]) * scale
     dy = torch.cat([r[2] for r in res]) * scale
     assert torch.allclose(dx, want[1], rtol=1e-8, atol=1e-10), (dx - want[1]).abs().max()
@@ -259,5 +263,3 @@ def test_modules_take_ids():
     got = fc.ObliqueClipLoss(logit_scale=3.0)(x.reshape(9, 3, 4), y.reshape(6, 3, 4), image_ids=iid, text_ids=tid)
     want = naive(x, y, torch.full((9,), 3.0), torch.full((6,), 3.0), 0.0, iid, tid, tokens=3)
     assert torch.allclose(got.double(), want, rtol=1e-6)
-    with pytest.raises(ValueError, match="mode='ring'"):
-        fc.ClipLoss(world_size=2, mode="ring")(x, y, 3.0, image_ids=iid, text_ids=tid)
