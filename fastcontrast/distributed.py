@@ -202,7 +202,7 @@ def _shift_ops(send: List[Tensor], recv: List[Tensor], to: int, frm: int, tag: i
 _TAG_BLK, _TAG_STAT = 0, 8  # CLIP ring message kinds: a block's parts (up to 4), its statistics / gradient
 
 
-def _ring_pos(xa: Tensor, yb: Tensor, iid: Tensor, tb: Tensor, r: Tensor, cb: Tensor):
+def _ring_pos(yb: Tensor, iid: Tensor, tb: Tensor, r: Tensor, cb: Tensor):
     """The block's target terms T_row = Σ_{u_i = t_j} r_i⟨x_i, y_j⟩ = ⟨x, gx_row⟩ and T_col = Σ_{u_i = t_j}
     c_j⟨x_i, y_j⟩ = ⟨x, gx_col⟩: returns (gx_row, gx_col) (N, D), gx_row_i = r_i Σ_{j∈P(i)} y_j,
     gx_col_i = Σ_{j∈P(i)} c_j y_j, over the block's texts yb (M_b, D) with ids tb and weights cb (M_b,). Group
@@ -256,7 +256,7 @@ class _RingInfoNCE(torch.autograd.Function):
             lr, lc = _lse_pair_impl(x, blk[0], a, ac, b, False, 1, "auto")
             lse_r = torch.logaddexp(lse_r, lr.to(acc))
             if ids:
-                gr, gc = _ring_pos(xa, blk[0].to(acc), iid, blk[1], r, blk[2])
+                gr, gc = _ring_pos(blk[0].to(acc), iid, blk[1], r, blk[2])
                 gx_row = gr if gx_row is None else gx_row + gr
                 gx_col = gc if gx_col is None else gx_col + gc
             pending.wait()
@@ -378,11 +378,13 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     if iid is not None:  # k_i: every rank's texts with image i's id; k'_j: every rank's images with text j's
         with torch.no_grad():
             acc = T.acc_dtype(x)
-            all_iid, all_tid = _all_ids(iid, group), _all_ids(tid, group)
-            _, k_row = MP.group_sums(iid, all_tid, torch.ones(all_tid.shape[0], 1, dtype=acc, device=x.device))
-            _, k_col = MP.group_sums(tid, all_iid, torch.ones(all_iid.shape[0], 1, dtype=acc, device=x.device))
-            r = torch.where(k_row > 0, 1.0 / k_row.clamp_min(1), 0.0)
-            c = torch.where(k_col > 0, 1.0 / k_col.clamp_min(1), 0.0)
+
+            def inverse_counts(mine: Tensor, theirs: Tensor) -> Tensor:  # 1/k (0 where k = 0) from sorted ids
+                srt = torch.sort(_all_ids(theirs, group)).values
+                k = (torch.searchsorted(srt, mine, right=True) - torch.searchsorted(srt, mine)).to(acc)
+                return torch.where(k > 0, 1.0 / k.clamp_min(1), 0.0)
+
+            r, c = inverse_counts(iid, tid), inverse_counts(tid, iid)
     if normalize:  # in the accumulation dtype: fp32 for half inputs, float64 stays float64
         acc = T.acc_dtype(x)
         x, y = F.normalize(x.to(acc), dim=-1).to(x.dtype), F.normalize(y.to(acc), dim=-1).to(y.dtype)

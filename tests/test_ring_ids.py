@@ -108,8 +108,8 @@ def _cases(rank, world):
     ym = torch.randn(MEM_N, MEM_D, generator=g).requires_grad_()
     im = torch.randint(0, 3 * world, (MEM_N,), generator=g)
     tm = torch.randint(0, 3 * world, (MEM_N,), generator=g)
-    for key, kw in (("ring", dict(image_ids=im, text_ids=tm)), ("gather", dict(image_ids=im, text_ids=tm))):
-        loss_fn = ring if key == "ring" else gather
+    ids = dict(image_ids=im, text_ids=tm)
+    for key, loss_fn, kw in (("ring", ring, ids), ("plain", ring, {}), ("gather", gather, ids)):
         loss_fn(xm, ym, 10.0, **kw).backward()  # warm-up: lazy imports and caches outside the measurement
         xm.grad = ym.grad = None
         with PeakMemory() as pm:
@@ -225,6 +225,9 @@ def test_uneven_batches_and_ids_on_one_rank_raise_on_every_rank(world):
 
 
 def test_ring_memory_flat_in_world_size():
-    peaks = {(k, w): max(r["peak_" + k] for r in _results(w)) for k in ("ring", "gather") for w in (2, 4)}
+    peaks = {(k, w): max(r["peak_" + k] for r in _results(w)) for k in ("ring", "plain", "gather") for w in (2, 4)}
     assert peaks["ring", 4] <= 1.2 * peaks["ring", 2], peaks
+    # what the ids add over the plain ring (ids and targets travelling, group sums) does not grow with W either
+    extra = {w: peaks["ring", w] - peaks["plain", w] for w in (2, 4)}
+    assert extra[4] <= 1.2 * extra[2], (extra, peaks)
     assert peaks["gather", 4] >= 1.5 * peaks["gather", 2], peaks  # the control: the all-gather's memory grows
