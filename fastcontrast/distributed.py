@@ -367,9 +367,11 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     scale = V.as_scalar_tensor("logit_scale", logit_scale, x)
     bias = torch.zeros((), device=x.device) if logit_bias is None else \
         V.as_scalar_tensor("logit_bias", logit_bias, x, positive=False)
+    # every rank, every call, before any error only some ranks could raise: a ring fed uneven blocks, or blocks
+    # with ids on some ranks only, would hang
+    _check_ranks_agree((n, m, x.shape[1]), (image_ids is not None, text_ids is not None), group,
+                       options="image_ids/text_ids given")
     iid, tid = MP.check_ids(image_ids, text_ids, n, m, x)
-    # every rank, every call: a ring fed uneven blocks, or blocks with ids on some ranks only, would hang
-    _check_ranks_agree((n, m, x.shape[1]), (iid is not None,), group, options="image_ids/text_ids given")
     if iid is None and n != m:
         raise ValueError(f"image_features has batch {n} but text_features has batch {m}; the ring pairs image i "
                          "with text i (pass image_ids/text_ids for other pairings)")

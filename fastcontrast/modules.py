@@ -112,9 +112,10 @@ class ClipLoss(nn.Module):
             return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize,
                                     image_ids=image_ids, text_ids=text_ids)
         n, m = image_features.shape[0], text_features.shape[0]
-        image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
         # the gathers need one local size per side on every rank, and ids on all of them or none
-        D._check_ranks_agree((n, m, image_features.shape[1]), (True,), None, options="image_ids/text_ids given")
+        D._check_ranks_agree((n, m, image_features.shape[1]), (image_ids is not None, text_ids is not None), None,
+                             options="image_ids/text_ids given")
+        image_ids, text_ids = MP.check_ids(image_ids, text_ids, n, m, image_features)
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)
             text_features = torch.nn.functional.normalize(text_features, dim=-1)
@@ -141,7 +142,7 @@ class ClipLoss(nn.Module):
             return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize)
         n = image_features.shape[0]
         # every call: a host-side all-gather (distributed._host_group); a rank given ids makes the same one
-        D._check_ranks_agree((n, n, image_features.shape[1]), (False,), None,
+        D._check_ranks_agree((n, n, image_features.shape[1]), (False, False), None,
                              options="image_ids/text_ids given")
         if self.normalize:
             image_features = torch.nn.functional.normalize(image_features, dim=-1)

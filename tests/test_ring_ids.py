@@ -7,7 +7,8 @@
 * it equals ClipLoss's gather mode with ids (``gather_with_grad=True``: the same per-rank gradients);
 * with globally unique ids it equals the plain ring;
 * the transfers still overlap the block computes, and per-rank peak memory does not grow with the world size;
-* uneven local batches, and ids on one rank only, raise the same ValueError on every rank (ring and gather).
+* uneven local batches, ids on one rank only, and text_ids missing on one rank raise the same ValueError on
+  every rank (ring and gather).
 
 One spawn per world size runs every case, so the module stays well under a minute on two loaded cores.
 """
@@ -104,6 +105,8 @@ def _cases(rank, world):
         out[f"uneven_{mode}"] = _error(lambda: loss(xs[:n_here], ys, 10.0, image_ids=uniq[:n_here], text_ids=uniq))
         one = dict(image_ids=uniq, text_ids=uniq) if rank == 0 else {}
         out[f"one_rank_{mode}"] = _error(lambda: loss(xs, ys, 10.0, **one))
+        half = dict(image_ids=uniq) if rank == world - 1 else dict(image_ids=uniq, text_ids=uniq)
+        out[f"half_ids_{mode}"] = _error(lambda: loss(xs, ys, 10.0, **half))  # one rank forgot text_ids
     # per-rank peak memory of one forward + backward, at the same local batch for every world size
     g = torch.Generator().manual_seed(100 + rank)
     xm = torch.randn(MEM_N, MEM_D, generator=g).requires_grad_()
@@ -223,8 +226,8 @@ def test_uneven_batches_and_ids_on_one_rank_raise_on_every_rank(world):
     for res in _results(world):
         for mode in ("ring", "gather"):
             assert "local batches differ across ranks" in res[f"uneven_{mode}"], res[f"uneven_{mode}"]
-            msg = res[f"one_rank_{mode}"]
-            assert "different options" in msg and "image_ids/text_ids given" in msg, msg
+            for key in (f"one_rank_{mode}", f"half_ids_{mode}"):
+                assert "different options" in res[key] and "image_ids/text_ids given" in res[key], (key, res[key])
 
 
 def test_ring_memory_flat_in_world_size():
