@@ -390,7 +390,10 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     if normalize:  # in the accumulation dtype: fp32 for half inputs, float64 stays float64
         acc = T.acc_dtype(x)
         x, y = F.normalize(x.to(acc), dim=-1).to(x.dtype), F.normalize(y.to(acc), dim=-1).to(y.dtype)
-    return _RingInfoNCE.apply(x, y, scale, bias, iid, tid, r, c, group)
+    # the bias cancels in every softmax (as functional._infonce): computed without it, so a |b| ≫ |s·S| costs no
+    # digits; 0·b keeps its exactly-zero gradient and its NaN
+    loss = _RingInfoNCE.apply(x, y, scale, torch.zeros((), device=x.device), iid, tid, r, c, group)
+    return loss if logit_bias is None else loss + (bias * 0).to(loss.dtype)
 
 
 def ring_available(group: Optional[object] = None) -> bool:

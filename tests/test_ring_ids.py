@@ -98,7 +98,11 @@ def _cases(rank, world):
     uniq = torch.arange(world * E_LOCAL)[sl]
     out["unique"] = _grads(lambda a, b_, s, bias: ring(a, b_, s, bias, image_ids=uniq, text_ids=uniq), x[sl], y[sl])
     out["plain"] = _grads(lambda a, b_, s, bias: ring(a, b_, s, bias), x[sl], y[sl])
-    # the checks every rank makes, every call: the same error on all of them, nobody left waiting
+    # the bias cancels in the softmax: a huge one changes nothing (no digits lost, no overflow), NaN stays NaN
+    xf, yf, idf = x[sl].float(), y[sl].float(), dict(image_ids=uniq // 2, text_ids=uniq // 3)
+    out["no_bias"] = _grads(lambda a, b_, s, bias: ring(a, b_, s, **idf), xf, yf)
+    out["big_bias"] = _grads(lambda a, b_, s, bias: ring(a, b_, s, bias * 0 + 1e30, **idf), xf, yf)
+    out["nan_bias"] = ring(xf, yf, 10.0, torch.tensor(float("nan")), **idf).detach()
     xs, ys = x[sl].float(), y[sl].float()
     n_here = E_LOCAL - 1 if rank == 0 else E_LOCAL
     for mode, loss in (("ring", ring), ("gather", gather)):
@@ -237,3 +241,12 @@ def test_ring_memory_flat_in_world_size():
     extra = {w: peaks["ring", w] - peaks["plain", w] for w in (2, 4)}
     assert extra[4] <= 1.2 * extra[2], (extra, peaks)
     assert peaks["gather", 4] >= 1.5 * peaks["gather", 2], peaks  # the control: the all-gather's memory grows
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bias_cancels(world):
+    for res in _results(world):
+        for k in ("loss", "dx", "dy", "dt"):
+            assert rel_err(res["big_bias"][k], res["no_bias"][k]) <= 1e-6, k
+        assert float(res["big_bias"]["db"]) == 0.0
+        assert torch.isnan(res["nan_bias"])
