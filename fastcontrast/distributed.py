@@ -105,14 +105,34 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        # through a Function of its own, so that a gradient of this gradient (create_graph=True) is exact too
+        return _ReduceScatter.apply(g, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """(N, ...) = this rank's slice of the ranks' (world·N, ...) tensors summed: the adjoint of :class:`_AllGather`
+    (and its backward an all-gather), so double backward through a gather is exact."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, group) -> Tensor:
+        rank, world = _world(group)
+        ctx.group = group
         g = g.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
-            mine = g.new_empty((g.shape[0] // ctx.world,) + tuple(g.shape[1:]))
-            dist.reduce_scatter_tensor(mine, g, group=ctx.group)
-            return mine, None
+        if dist.get_backend(group) == "nccl":
+            mine = g.new_empty((g.shape[0] // world,) + tuple(g.shape[1:]))
+            dist.reduce_scatter_tensor(mine, g, group=group)
+            return mine
         g = g.clone()  # gloo has no reduce-scatter: all-reduce, keep this rank's slice
-        dist.all_reduce(g, group=ctx.group)
-        return g.chunk(ctx.world)[ctx.rank].contiguous(), None
+        dist.all_reduce(g, group=group)
+        return g.chunk(world)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, h: Tensor):
+        return _AllGather.apply(h, ctx.group), None
+
+
+# the distributed modes whose backward is autograd's own (gathers with exact adjoints): double backward works there
+_GATHER_ALTERNATIVE = "ClipLoss(mode='gather') / SigLipLoss(dist_impl='gather') with backend='reference'"
 
 
 def all_gather_with_grad(t: Tensor, group=None) -> Tensor:
@@ -287,6 +307,7 @@ class _RingInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        T.no_double_backward("ring_clip_loss (ClipLoss(mode='ring'))", "ring", _GATHER_ALTERNATIVE)
         if ctx.ids:
             x, y, a, ac, b, lse_r, lse_c, iid, tid, r, c, gx_row, gx_col, t_row, t_col = ctx.saved_tensors
         else:
@@ -543,6 +564,8 @@ class _SigLipBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        T.no_double_backward("siglip_distributed_loss (SigLipLoss(dist_impl='bidir'/'shift'/'reduce'))", "ring",
+                             _GATHER_ALTERNATIVE)
         x, y, scale, bias, *extra = ctx.saved_tensors
         iid, tid = (extra[0], extra[1]) if ctx.ids else (None, None)
         r, c = (extra[2], extra[3]) if ctx.weighted else (None, None)
@@ -697,13 +720,16 @@ def siglip_distributed_loss(image_features: Tensor, text_features: Tensor, logit
     scale = V.as_scalar_tensor("logit_scale", logit_scale, x)
     bias = torch.zeros((), device=x.device) if logit_bias is None else \
         V.as_scalar_tensor("logit_bias", logit_bias, x, positive=False)
+    rank, world = _world(group)
+    # every rank, every call, before any check that could fail on one rank only (ids given on one rank): a ring
+    # fed uneven blocks would hang, and so would a check only some ranks make
+    _check_ranks_agree((n, m, x.shape[1]), (image_ids is not None, text_ids is not None,
+                                            ("none", "inverse_count").index(weighting),
+                                            SIGLIP_DIST_IMPLS.index(dist_impl)), group,
+                       options="image_ids given, text_ids given, weighting, dist_impl")
     iid, tid = MP.check_ids(image_ids, text_ids, n, m, x)
     if iid is None and weighting != "none":
         raise ValueError("weighting='inverse_count' needs image_ids and text_ids (the groups of positives)")
-    rank, world = _world(group)
-    # every rank, every call: a ring fed uneven blocks would hang, and so would a check only some ranks make
-    _check_ranks_agree((n, m, x.shape[1]), (iid is not None, ("none", "inverse_count").index(weighting),
-                                            SIGLIP_DIST_IMPLS.index(dist_impl)), group)
     if iid is None and n != m:
         raise ValueError(f"SigLipLoss pairs image i with text i: got {n} images and {m} texts per rank "
                          "(use image_ids/text_ids for other pairings)")

@@ -147,6 +147,27 @@ def _cases(rank, world, oc):
         out["ids_on_one_rank"] = "no error"
     except ValueError as e:
         out["ids_on_one_rank"] = str(e)
+    try:  # image_ids alone on one rank: the agreement check comes before the ids are validated
+        ids = dict(image_ids=torch.arange(N_LOCAL)) if rank == 0 else {}
+        fc.SigLipLoss(rank=rank, world_size=world)(x_all[sl], y_all[sl], 10.0, -5.0, **ids)
+        out["image_ids_on_one_rank"] = "no error"
+    except ValueError as e:
+        out["image_ids_on_one_rank"] = str(e)
+    # double backward: the rings raise (their backward is hand-written); a gather's is exact
+    for name, fn in (("siglip", lambda a, b: fc.SigLipLoss(rank=rank, world_size=world)(a, b, 10.0, -5.0)),
+                     ("clip", lambda a, b: fc.ClipLoss(rank=rank, world_size=world, mode="ring")(a, b, 10.0))):
+        a = x_all[sl].clone().requires_grad_()
+        try:
+            torch.autograd.grad(fn(a, y_all[sl]), a, create_graph=True)
+            out[f"double_backward_{name}_ring"] = "no error"
+        except RuntimeError as e:
+            out[f"double_backward_{name}_ring"] = str(e)
+    t = x_all[sl].double().clone().requires_grad_()
+    from fastcontrast.distributed import all_gather_with_grad
+
+    g, = torch.autograd.grad(all_gather_with_grad(t).pow(3).sum(), t, create_graph=True)  # world·3t²
+    h, = torch.autograd.grad(g.sum(), t)  # world·6t: the second backward crosses the ranks again
+    out["gather_second_derivative"] = (g.detach(), h, t.detach())
     loss = fc.SigLipLoss(rank=rank, world_size=world)  # equal sizes first, then one rank's size changes
     loss(x_all[sl], y_all[sl], 10.0, -5.0)
     try:
@@ -271,6 +292,7 @@ def test_uneven_local_batches_raise_on_every_rank(world):
         for key in [f"uneven_{i}" for i in IMPLS] + ["uneven_ids", "uneven_after_equal_step", "uneven_clip_ring"]:
             assert "local batches differ across ranks" in res[key], (key, res[key])
         assert "different options" in res["ids_on_one_rank"], res["ids_on_one_rank"]
+        assert "different options" in res["image_ids_on_one_rank"], res["image_ids_on_one_rank"]
         assert "SigLipLoss(rank=" in res["wrong_rank"] and "torch.distributed has rank" in res["wrong_rank"]
 
 
@@ -347,3 +369,14 @@ def _nccl_worker(rank, world, init_file, out_dir):
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_double_backward_rings_raise_and_gather_is_exact(world):
+    for res in _results(world):
+        for name in ("siglip", "clip"):
+            msg = res[f"double_backward_{name}_ring"]
+            assert "double backward is not supported" in msg and "dist_impl='gather'" in msg, msg
+        g, h, t = res["gather_second_derivative"]
+        assert rel_err(g, world * 3 * t ** 2) <= 1e-12
+        assert rel_err(h, world * 6 * t) <= 1e-12
