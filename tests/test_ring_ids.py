@@ -12,18 +12,14 @@
 
 One spawn per world size runs every case, so the module stays well under a minute on two loaded cores.
 """
-import datetime
-import os
-import sys
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastcontrast as fc
 from fastcontrast.validate import rel_err
+
+from _gloo import run_ranks
 
 N_LOCAL, M_LOCAL, D = 5, 4, 8  # ragged per rank
 E_LOCAL = 6  # the even case: N = M per rank
@@ -128,31 +124,12 @@ def _cases(rank, world):
     return out
 
 
-def _worker(rank, world, init_file, out_dir):
-    os.environ.pop("TRITON_INTERPRET", None)  # children use the PyTorch/C++ paths: fast enough for the CPU
-    torch.set_num_threads(1)  # W processes share two cores: more threads only contend
-    # a file store needs no free port; the timeout turns a lost peer into an error instead of a hang
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
-    try:
-        sys.path.insert(0, os.path.dirname(__file__))
-        torch.save(_cases(rank, world), os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.barrier()  # no rank tears down gloo while a peer's send is still in flight
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter-exit destructors racing gloo's threads (see tests/test_distributed.py)
-
-
 _RESULTS = {}
 
 
 def _results(world):
     if world not in _RESULTS:
-        with tempfile.TemporaryDirectory() as d:
-            mp.spawn(_worker, args=(world, os.path.join(d, "init"), d), nprocs=world, join=True)
-            _RESULTS[world] = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(world)]
+        _RESULTS[world] = run_ranks(_cases, world)
     return _RESULTS[world]
 
 

@@ -14,7 +14,6 @@ One spawn per world size runs every case, so the module stays well under a minut
 """
 import datetime
 import os
-import sys
 import tempfile
 
 import pytest
@@ -24,6 +23,8 @@ import torch.multiprocessing as mp
 
 import fastcontrast as fc
 from fastcontrast.validate import rel_err
+
+from _gloo import run_ranks
 
 N_LOCAL, D = 6, 16
 ID_N, ID_M = 4, 5  # ragged per rank with ids: 4 images, 5 texts
@@ -205,23 +206,10 @@ def _cases(rank, world, oc):
     return out
 
 
-def _worker(rank, world, init_file, out_dir):
-    os.environ.pop("TRITON_INTERPRET", None)  # children use the PyTorch path: fast enough for the CPU
-    torch.set_num_threads(1)  # W processes share two cores: more threads only contend
-    # a file store needs no free port; the timeout turns a lost peer into an error instead of a hang
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
-    try:
-        sys.path.insert(0, os.path.dirname(__file__))
-        from fastcontrast._compat import open_clip_loss_module
-        res = _cases(rank, world, open_clip_loss_module())
-        torch.save(res, os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.barrier()  # no rank tears down gloo while a peer's send is still in flight
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter-exit destructors racing gloo's threads (see tests/test_distributed.py)
+def _rank_cases(rank, world):
+    from fastcontrast._compat import open_clip_loss_module
+
+    return _cases(rank, world, open_clip_loss_module())
 
 
 _RESULTS = {}
@@ -229,9 +217,7 @@ _RESULTS = {}
 
 def _results(world):
     if world not in _RESULTS:
-        with tempfile.TemporaryDirectory() as d:
-            mp.spawn(_worker, args=(world, os.path.join(d, "init"), d), nprocs=world, join=True)
-            _RESULTS[world] = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(world)]
+        _RESULTS[world] = run_ranks(_rank_cases, world)
     return _RESULTS[world]
 
 
