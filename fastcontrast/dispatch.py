@@ -139,14 +139,30 @@ def _auto(op: str, device: torch.device, small: bool, f64: bool = False) -> Tupl
     raise BackendUnavailableError(f"no backend can run {op!r} on {device}")  # reference always registers
 
 
+def _under_torch_func() -> bool:
+    """Inside a torch.func transform (grad, vjp, jacrev, vmap, ...): a host-side flag, no tensor read."""
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
 def resolve(op: str, backend: str, device: torch.device, size: int = 0,
             dtype: Optional[torch.dtype] = None) -> Tuple[str, Callable]:
     """``(backend_name, implementation)`` for ``op`` on ``device``; ``size`` = N·M decides ``"auto"``;
-    ``dtype``: the inputs' dtype; float64 on a float32-only kernel gets the op's float64 reference."""
+    ``dtype``: the inputs' dtype; float64 on a float32-only kernel gets the op's float64 reference.
+    Under torch.func transforms only the reference composes (the other backends' autograd is hand-written):
+    ``"auto"`` takes it there and an explicit other backend raises."""
+    func = _under_torch_func()
     if backend == "auto":
+        if func:
+            return "reference", _impl(op, "reference", dtype == torch.float64)
         return _auto(op, device, 0 < size <= _CROSSOVER.get(device.type, 0), dtype == torch.float64)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if func and backend in BACKENDS and backend != "reference":
+        raise BackendUnavailableError(
+            f"backend {backend!r} is unavailable for {op!r} under torch.func transforms (grad, vmap, jacrev, ...): "
+            "its autograd is a hand-written Function or a fused kernel that does not compose with them; use "
+            "backend='reference' (or 'auto', which takes it under torch.func)")
     reason = unavailable_reason(op, backend, device)
     if reason is not None:
         if backend not in BACKENDS:
