@@ -54,7 +54,8 @@ def _host_group(group):
     gloo the group itself is used, with tensors on the current CUDA device."""
     if dist.get_backend(group) == "gloo" or not dist.is_gloo_available():
         return group
-    key = id(group) if group is not None else None
+    # the default group's identity too: after destroy_process_group and a new init, the old side groups are dead
+    key = (id(group) if group is not None else None, id(dist.group.WORLD))
     g = _HOST_GROUPS.get(key)
     if g is None:  # every member rank reaches this at its first distributed loss call: the same collective
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
