@@ -92,3 +92,87 @@ def test_variant_own_tiles_match_reference(backend, variant, dtype, monkeypatch)
     for case in default_cases(n=150, m=141, d=136, k=2):
         if case.name in names:
             assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(1,))
+
+
+# The hinge forward (_hinge_fwd_kernel) under every variant: its flattened (column tile × K-chunk) loop in hopper and
+# hopper_2cta, the nested one elsewhere. 70 rows (3 row blocks of 32), 150 columns (5 ragged column tiles), d = 200
+# (7 K-chunks, the last ragged); labelled (both HingeRows directions) and hardest (HardestPair), normalised or not.
+HINGE_SHAPE = dict(n=70, m=150, d=200)
+
+
+def _hinge_cases(n, m, d):
+    from fastcontrast import functional as Fn
+    from fastcontrast.validate import Case, _clip_inputs
+
+    def make(g, dev, dt):
+        inp = _clip_inputs(n, m, d)(g, dev, dt)
+        inp.pop("logit_scale")
+        return inp
+
+    return [Case(f"max_margin({'hardest' if h else 'sum'}, normalize={nm})", "max_margin", make,
+                 lambda backend, h=h, nm=nm, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=h, normalize=nm,
+                                                                     backend=backend))
+            for h in (False, True) for nm in (True, False)]
+
+
+def test_hinge_forward_flat_follows_the_infonce_forward():
+    for name in VARIANTS:
+        _configs.set_variant(name)
+        try:
+            cpu = torch.device("cpu")
+            hinge = _configs.config("_hinge_fwd_kernel", cpu, torch.float32)
+            assert hinge["FLAT"] == _configs.config("_lse_fwd_kernel", cpu, torch.float32)["FLAT"], name
+            assert hinge["FLAT"] == (name in ("hopper", "hopper_2cta")), name
+            for by in _configs.VARIANTS[name]["_hinge_fwd_kernel"].values():
+                assert by["FLAT"] == hinge["FLAT"], name
+        finally:
+            _configs.set_variant(None)
+    # the shape spans several row blocks, column tiles and K-chunks of the interpreter's tiles, all ragged
+    t = _configs.INTERPRETER
+    assert HINGE_SHAPE["n"] > 2 * t["BLOCK_M"] and HINGE_SHAPE["m"] > 4 * t["BLOCK_N"]
+    assert HINGE_SHAPE["d"] > 6 * t["BLOCK_K"] and HINGE_SHAPE["d"] % t["BLOCK_K"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("backend", [TRITON])
+def test_variant_hinge_forward_matches_reference(backend, variant, dtype):
+    for case in _hinge_cases(**HINGE_SHAPE):
+        assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(0,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("backend", [TRITON])
+def test_variant_hinge_own_tiles_match_reference(backend, variant, dtype, monkeypatch):
+    """The sm_90 tiles (16-bit 128×128×64, fp32 128×64×32): 150 × 141 spans two row blocks and 2-3 column
+    tiles, d = 136 three (16-bit) or five (fp32) K-chunks, the last ragged."""
+    if kernel_device().type == "cuda":
+        pytest.skip("on a GPU the variant's own tiles are what every other test runs")
+    monkeypatch.setattr(_configs, "INTERPRET_REAL_TILES", True)
+    for case in _hinge_cases(n=150, m=141, d=136)[::3]:  # (sum, normalised) and (hardest, raw)
+        assert_matches_reference(case, backend, dtype, kernel_device(), seeds=(1,))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("hardest", [False, True], ids=["sum", "hardest"])
+def test_variant_hinge_forward_keeps_nan(variant, hardest):
+    """The NaN of an overflowed S reaches the loss on every code path: row 5's positive and one negative (in the
+    last column tile, the product in the last ragged K-chunk) overflow fp32 to +inf, so z = (0.3 − inf) + inf is
+    NaN there, and [z]_+ keeps it; the hardest variant's loss is non-finite too. (A NaN feature would make a whole row or column
+    of S NaN, on which the interpreter's argmax raises.)"""
+    from fastcontrast import functional as Fn
+
+    g = torch.Generator().manual_seed(3)
+    n, m, d = HINGE_SHAPE["n"], HINGE_SHAPE["m"], HINGE_SHAPE["d"]
+    x, y = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    labels = torch.randint(0, m, (n,), generator=g)
+    labels[5] = 3
+    x[5, 190] = y[3, 190] = y[137, 190] = 1e20  # S_5,3 = S_5,137 = 1e40: +inf in fp32
+    dev = kernel_device()
+    out = Fn.max_margin_loss(x.to(dev), y.to(dev), margin=0.3, labels=labels.to(dev), hardest=hardest,
+                             normalize=False, backend="triton")
+    if hardest:  # HardestPair's offset of row 5 is finite, so its hardest z is +inf: no plausible number either
+        assert not torch.isfinite(out).any(), out
+    else:
+        assert torch.isnan(out).all(), out

@@ -36,7 +36,8 @@ _WIDE16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
 _PAIR32 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 
 # Structural switches, beside the tiles (each documented at its kernel):
-#   FLAT (_lse_fwd_kernel): one (column tile × K-chunk) loop, so the K pipeline stays warm across column tiles;
+#   FLAT (_lse_fwd_kernel, _hinge_fwd_kernel): one (column tile × K-chunk) loop, so the K pipeline stays warm
+#     across column tiles;
 #   COL_SPLIT (launcher only, _lse_fwd_kernel): split the columns over a second grid axis when the row blocks
 #     alone fill less than one wave of SMs (N = 4096: 32 row blocks on 132 SMs); CTAS = CTAs per SM expected;
 #   GROUP (_grad_tile_kernel): column tiles swept together by the programs in flight (L2 reuse);
@@ -44,7 +45,8 @@ _PAIR32 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
 _PLAIN = dict(FLAT=False, COL_SPLIT=False, GROUP=1)
 _HOPPER = dict(FLAT=True, COL_SPLIT=True, GROUP=8)
 LAUNCHER_KEYS = ("COL_SPLIT", "CTAS")  # read by the launcher, never passed to a kernel
-_STRUCT = {"_lse_fwd_kernel": ("FLAT", "COL_SPLIT", "CTAS"), "_grad_tile_kernel": ("GROUP",)}
+_STRUCT = {"_lse_fwd_kernel": ("FLAT", "COL_SPLIT", "CTAS"), "_grad_tile_kernel": ("GROUP",),
+           "_hinge_fwd_kernel": ("FLAT",)}
 
 
 def _pairwise(c16: dict, c32: dict = _PAIR32, **per_arch16) -> Dict[Tuple[str, str], dict]:

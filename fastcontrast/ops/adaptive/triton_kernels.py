@@ -17,16 +17,43 @@ from __future__ import annotations
 from .._triton_support import tl, triton
 
 if triton is not None:
-    from .._triton_tiles import _s_tile, _slab_tile
+    from .._triton_tiles import _dot, _s_tile, _slab_tile
+
+    @triton.jit
+    def _hinge_fwd_epilogue(s, n0, rows, cols, row_mask, col_mask, off, ka, key_b, best, arg, acc, cnt, PMAX, PARG,
+                            pid, stride_p, HARDEST: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One finished S tile: the rows' running hinge sums and counts (or hardest negatives) updated; HARDEST
+        also stores the tile's column maxima over this block's negative rows."""
+        kb = tl.load(key_b + cols, mask=col_mask, other=-2)
+        neg = col_mask[None, :] & (kb[None, :] != ka[:, None])
+        z = off[:, None] + s
+        if HARDEST:
+            zm = tl.where(neg, z, float("-inf"))
+            bm = tl.max(zm, axis=1)
+            ba = tl.argmax(zm, axis=1).to(tl.int32)
+            upd = (bm > best) | (bm != bm)  # a NaN (an overflowed S) sticks: the loss says so
+            arg = tl.where(upd, n0 + ba, arg)
+            best = tl.where(upd, bm, best)
+            sc = tl.where(neg & row_mask[:, None], s, float("-inf"))
+            tl.store(PMAX + pid * stride_p + cols, tl.max(sc, axis=0), mask=col_mask)
+            tl.store(PARG + pid * stride_p + cols, pid * BLOCK_M + tl.argmax(sc, axis=0).to(tl.int32),
+                     mask=col_mask)
+        else:
+            act = neg & ((z > 0) | (z != z))  # [z]_+ keeps a NaN (inf − inf of an overflowed S), as clamp does
+            acc += tl.sum(tl.where(act, z, 0.0), axis=1)
+            cnt += tl.sum(act.to(tl.float32), axis=1)
+        return best, arg, acc, cnt
 
     @triton.jit
     def _hinge_fwd_kernel(A, B, inv_a, inv_b, offset, key_a, key_b, OUT, CNT, ARG, PMAX, PARG, Na, Nb, D, DT, K,
                           stride_am, stride_bm, stride_p, NORM: tl.constexpr, HARDEST: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr = False):
         """One row block against every column tile. HARDEST also writes, per column j, this block's largest S_ij
         over its rows i that are negatives of j, and that row, to PMAX/PARG[pid, j] (the column direction's
-        hardest negative, merged over the blocks afterwards): both directions from this one sweep."""
+        hardest negative, merged over the blocks afterwards): both directions from this one sweep.
+        FLAT: one loop over (column tile, K-chunk) pairs, as in _lse_fwd_kernel, so the next tile's first
+        K-chunks are in flight while this tile's last ones multiply (the nested loop drains every copy per tile)."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < Na
@@ -36,29 +63,43 @@ if triton is not None:
         arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
         acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for n0 in range(0, Nb, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_mask = cols < Nb
-            s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
-                        NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-            kb = tl.load(key_b + cols, mask=col_mask, other=-2)
-            neg = col_mask[None, :] & (kb[None, :] != ka[:, None])
-            z = off[:, None] + s
-            if HARDEST:
-                zm = tl.where(neg, z, float("-inf"))
-                bm = tl.max(zm, axis=1)
-                ba = tl.argmax(zm, axis=1).to(tl.int32)
-                upd = (bm > best) | (bm != bm)  # a NaN (an overflowed S) sticks: the loss says so
-                arg = tl.where(upd, n0 + ba, arg)
-                best = tl.where(upd, bm, best)
-                sc = tl.where(neg & row_mask[:, None], s, float("-inf"))
-                tl.store(PMAX + pid * stride_p + cols, tl.max(sc, axis=0), mask=col_mask)
-                tl.store(PARG + pid * stride_p + cols, pid * BLOCK_M + tl.argmax(sc, axis=0).to(tl.int32),
-                         mask=col_mask)
-            else:
-                act = neg & ((z > 0) | (z != z))  # [z]_+ keeps a NaN (inf − inf of an overflowed S), as clamp does
-                acc += tl.sum(tl.where(act, z, 0.0), axis=1)
-                cnt += tl.sum(act.to(tl.float32), axis=1)
+        if FLAT:
+            offs_k = tl.arange(0, BLOCK_K)
+            k_iters = tl.cdiv(D, BLOCK_K)
+            if NORM:
+                ra = tl.load(inv_a + rows, mask=row_mask, other=0.0)
+            s_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for it in range(0, tl.cdiv(Nb, BLOCK_N) * k_iters):
+                t = it // k_iters
+                ki = it - t * k_iters
+                n0 = t * BLOCK_N
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < Nb
+                kk = ki * BLOCK_K + offs_k
+                km = kk < D
+                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :],
+                            other=0.0)
+                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :],
+                            other=0.0)
+                s_acc = _dot(a, tl.trans(b), s_acc, PRECISION, UPCAST)
+                if ki == k_iters - 1:
+                    s = s_acc
+                    if NORM:
+                        rb = tl.load(inv_b + cols, mask=col_mask, other=0.0)
+                        s = s * ra[:, None] * rb[None, :]
+                    best, arg, acc, cnt = _hinge_fwd_epilogue(s, n0, rows, cols, row_mask, col_mask, off, ka, key_b,
+                                                              best, arg, acc, cnt, PMAX, PARG, pid, stride_p,
+                                                              HARDEST, BLOCK_M)
+                    s_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            for n0 in range(0, Nb, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < Nb
+                s = _s_tile(A, B, inv_a, inv_b, rows, cols, row_mask, col_mask, D, DT, K, stride_am, stride_bm,
+                            NORM, False, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                best, arg, acc, cnt = _hinge_fwd_epilogue(s, n0, rows, cols, row_mask, col_mask, off, ka, key_b,
+                                                          best, arg, acc, cnt, PMAX, PARG, pid, stride_p, HARDEST,
+                                                          BLOCK_M)
         if HARDEST:
             tl.store(OUT + rows, tl.where(best < 0, 0.0, best), mask=row_mask)
             tl.store(CNT + rows, (best > 0).to(tl.float32), mask=row_mask)
