@@ -17,6 +17,32 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
+    def _flat_step(A, B, rows, row_mask, it, k_iters, n_lo, n_hi, D, stride_am, stride_bm, acc,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Step ``it`` of a flattened (column tile × K-chunk) sweep of S = A Bᵀ (one token): acc += the chunk's
+        product. One loop over both keeps the K pipeline's copies of the next tile in flight across tiles (no
+        drain per column tile). Returns (n0, cols, col_mask, last, acc); at the tile's ``last`` chunk acc holds
+        the finished tile: the caller scales it (:func:`_norm_tile`), runs its epilogue and resets acc."""
+        t = it // k_iters
+        ki = it - t * k_iters
+        n0 = n_lo + t * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_hi
+        kk = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = kk < D
+        a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
+        b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :], other=0.0)
+        return n0, cols, col_mask, ki == k_iters - 1, _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+
+    @triton.jit
+    def _norm_tile(s, ra, inv_b, cols, col_mask, NORM: tl.constexpr):
+        """A finished single-token S tile times the rows' (``ra``) and columns' inverse norms when NORM."""
+        if NORM:
+            rb = tl.load(inv_b + cols, mask=col_mask, other=0.0)
+            s = s * ra[:, None] * rb[None, :]
+        return s
+
+    @triton.jit
     def _slab_tile(row0, Na_chunk, Nb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """This program's tile of a backward slab (rows row0 + [0, Na_chunk) × all Nb columns), grid (M tiles,
         N tiles): (slab-local rows, global rows, row mask, columns, column mask)."""

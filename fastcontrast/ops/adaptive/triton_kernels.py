@@ -17,7 +17,7 @@ from __future__ import annotations
 from .._triton_support import tl, triton
 
 if triton is not None:
-    from .._triton_tiles import _dot, _s_tile, _slab_tile
+    from .._triton_tiles import _flat_step, _norm_tile, _s_tile, _slab_tile
 
     @triton.jit
     def _hinge_fwd_epilogue(s, n0, rows, cols, row_mask, col_mask, off, ka, key_b, best, arg, acc, cnt, PMAX, PARG,
@@ -64,29 +64,14 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if FLAT:
-            offs_k = tl.arange(0, BLOCK_K)
             k_iters = tl.cdiv(D, BLOCK_K)
-            if NORM:
-                ra = tl.load(inv_a + rows, mask=row_mask, other=0.0)
+            ra = tl.load(inv_a + rows, mask=row_mask, other=0.0) if NORM else 1.0  # the rows' inverse norms
             s_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for it in range(0, tl.cdiv(Nb, BLOCK_N) * k_iters):
-                t = it // k_iters
-                ki = it - t * k_iters
-                n0 = t * BLOCK_N
-                cols = n0 + tl.arange(0, BLOCK_N)
-                col_mask = cols < Nb
-                kk = ki * BLOCK_K + offs_k
-                km = kk < D
-                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :],
-                            other=0.0)
-                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :],
-                            other=0.0)
-                s_acc = _dot(a, tl.trans(b), s_acc, PRECISION, UPCAST)
-                if ki == k_iters - 1:
-                    s = s_acc
-                    if NORM:
-                        rb = tl.load(inv_b + cols, mask=col_mask, other=0.0)
-                        s = s * ra[:, None] * rb[None, :]
+                n0, cols, col_mask, last, s_acc = _flat_step(A, B, rows, row_mask, it, k_iters, 0, Nb, D, stride_am,
+                                                             stride_bm, s_acc, PRECISION, UPCAST, BLOCK_N, BLOCK_K)
+                if last:
+                    s = _norm_tile(s_acc, ra, inv_b, cols, col_mask, NORM)
                     best, arg, acc, cnt = _hinge_fwd_epilogue(s, n0, rows, cols, row_mask, col_mask, off, ka, key_b,
                                                               best, arg, acc, cnt, PMAX, PARG, pid, stride_p,
                                                               HARDEST, BLOCK_M)

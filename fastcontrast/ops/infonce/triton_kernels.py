@@ -28,7 +28,7 @@ from __future__ import annotations
 from .._triton_support import tl, triton
 
 if triton is not None:
-    from .._triton_tiles import LN2, LOG2E, _dot, _s_tile, _slab_tile_grouped
+    from .._triton_tiles import LN2, LOG2E, _flat_step, _norm_tile, _s_tile, _slab_tile_grouped
 
     @triton.jit
     def _lse_fwd_epilogue(s, rows, cols, row_mask, col_mask, sa, bias, m_i, l_i, scale_b, PMAX, PSUM, pid,
@@ -73,29 +73,15 @@ if triton is not None:
         n_lo = split * tiles * BLOCK_N
         n_hi = tl.minimum(Nb, n_lo + tiles * BLOCK_N)
         if FLAT and not MULTI:
-            offs_k = tl.arange(0, BLOCK_K)
             k_iters = tl.cdiv(D, BLOCK_K)
             my_tiles = tl.maximum(tl.cdiv(n_hi - n_lo, BLOCK_N), 0)
-            if NORM:
-                ra = tl.load(inv_a + rows, mask=row_mask, other=0.0)
+            ra = tl.load(inv_a + rows, mask=row_mask, other=0.0) if NORM else 1.0  # the rows' inverse norms
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for it in range(0, my_tiles * k_iters):
-                t = it // k_iters
-                ki = it - t * k_iters
-                cols = n_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_mask = cols < n_hi
-                kk = ki * BLOCK_K + offs_k
-                km = kk < D
-                a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :],
-                            other=0.0)
-                b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :],
-                            other=0.0)
-                acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-                if ki == k_iters - 1:
-                    s = acc
-                    if NORM:
-                        rb = tl.load(inv_b + cols, mask=col_mask, other=0.0)
-                        s = s * ra[:, None] * rb[None, :]
+                _, cols, col_mask, last, acc = _flat_step(A, B, rows, row_mask, it, k_iters, n_lo, n_hi, D, stride_am,
+                                                          stride_bm, acc, PRECISION, UPCAST, BLOCK_N, BLOCK_K)
+                if last:
+                    s = _norm_tile(acc, ra, inv_b, cols, col_mask, NORM)
                     m_i, l_i = _lse_fwd_epilogue(s, rows, cols, row_mask, col_mask, sa, bias, m_i, l_i, scale_b,
                                                  PMAX, PSUM, pid, stride_p)
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
