@@ -83,11 +83,7 @@ def check_equal_local_batches(n_local, group=None) -> None:
     Called on every step (a rank whose size changed while the others' did not must meet them in the same
     collective), over a gloo group of the same ranks: one all-gather of a few ints between the hosts per call,
     no GPU sync."""
-    rows = _all_gather_ints(n_local if isinstance(n_local, (tuple, list)) else [n_local], group)
-    got = [r if len(r) > 1 else r[0] for r in rows]
-    if len(set(got)) != 1:
-        raise ValueError(f"local batches differ across ranks ({got}); every rank must hold the same number of "
-                         "image-text pairs (drop the last uneven batch, e.g. DataLoader(drop_last=True))")
+    _check_ranks_agree(n_local if isinstance(n_local, (tuple, list)) else [n_local], (), group, sizes_label="")
 
 
 class _AllGather(torch.autograd.Function):
@@ -657,17 +653,17 @@ class _SigLipBlocks(torch.autograd.Function):
                 dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None) + (None,) * 7
 
 
-def _check_ranks_agree(sizes, flags, group,
-                       options: str = "image_ids/text_ids given, weighting, dist_impl") -> None:
-    """One all-gather: the local sizes (as :func:`check_equal_local_batches`) and the call's options (``options``
-    names them: SigLIP's ids given, weighting, dist_impl; the CLIP ring's ids given), which set what travels;
-    every rank raises the same ValueError when they differ."""
+def _check_ranks_agree(sizes, flags, group, options: str = "image_ids/text_ids given, weighting, dist_impl",
+                       sizes_label: str = ": images, texts, width per rank") -> None:
+    """One all-gather: the local sizes (:func:`check_equal_local_batches`; ``sizes_label`` names them in the
+    error) and the call's options (``options`` names them: SigLIP's ids given, weighting, dist_impl; the CLIP
+    ring's ids given), which set what travels; every rank raises the same ValueError when they differ."""
     rows = _all_gather_ints(list(sizes) + [int(f) for f in flags], group)
     k = len(sizes)
     if len({r[:k] for r in rows}) != 1:
-        raise ValueError(f"local batches differ across ranks ({[r[:k] for r in rows]}: images, texts, width per "
-                         "rank); every rank must hold the same number of image-text pairs (drop the last uneven "
-                         "batch, e.g. DataLoader(drop_last=True))")
+        got = [r[0] if k == 1 else r[:k] for r in rows]
+        raise ValueError(f"local batches differ across ranks ({got}{sizes_label}); every rank must hold the same "
+                         "number of image-text pairs (drop the last uneven batch, e.g. DataLoader(drop_last=True))")
     if len({r[k:] for r in rows}) != 1:
         raise ValueError(f"the ranks called the loss with different options ({options} per rank: "
                          f"{[r[k:] for r in rows]}); every rank must make the same call")
