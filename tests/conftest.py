@@ -37,6 +37,22 @@ def assert_matches_reference(case, backend, dtype, device, seeds=(0, 1, 2), tol=
         assert bwd <= tol, f"{case.name}/{backend}/{dtype} seed {s}: backward rel err {bwd:.3e} > {tol:.0e} ({grads})"
 
 
+@pytest.fixture
+def atomics(monkeypatch):
+    """Counts the atomic read-modify-writes the Triton interpreter executes (tests of the no-float-atomics rule)."""
+    import triton.runtime.interpreter as I
+
+    count = {"n": 0}
+    orig = I.InterpreterBuilder.create_atomic_rmw
+
+    def create_atomic_rmw(self, *args, **kw):
+        count["n"] += 1
+        return orig(self, *args, **kw)
+
+    monkeypatch.setattr(I.InterpreterBuilder, "create_atomic_rmw", create_atomic_rmw)
+    return count
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

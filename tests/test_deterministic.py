@@ -25,22 +25,6 @@ N, M, D = 100, 70, 8  # two slabs of two row tiles, three column tiles of the in
 
 
 @pytest.fixture
-def atomics(monkeypatch):
-    """Counts the atomic read-modify-writes the Triton interpreter executes."""
-    import triton.runtime.interpreter as I
-
-    count = {"n": 0}
-    orig = I.InterpreterBuilder.create_atomic_rmw
-
-    def create_atomic_rmw(self, *args, **kw):
-        count["n"] += 1
-        return orig(self, *args, **kw)
-
-    monkeypatch.setattr(I.InterpreterBuilder, "create_atomic_rmw", create_atomic_rmw)
-    return count
-
-
-@pytest.fixture
 def deterministic():
     """Sets torch.use_deterministic_algorithms for the test, restores it after."""
     prev = torch.are_deterministic_algorithms_enabled()

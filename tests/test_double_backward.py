@@ -156,17 +156,19 @@ def _device(backend):
     return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
-def _params():
+def case_params(backends_of=lambda op: BACKENDS + (("auto",) if op == "infonce" else ())):
+    """(case, backend) parameters, each skipped with its reason where the backend cannot run the op here; by
+    default every backend, and "auto" (= dense at these sizes; see also below) for the InfoNCE family."""
     out = []
     for name, (op, _) in CASES.items():
-        for be in BACKENDS + (("auto",) if op == "infonce" else ()):  # "auto" = dense here; see also below
+        for be in backends_of(op):
             reason = None if be == "auto" else unavailable_reason(op, be, _device(be))
             out.append(pytest.param(name, be, id=f"{name}-{be}",
                                     marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return out
 
 
-@pytest.mark.parametrize("name,backend", _params())
+@pytest.mark.parametrize("name,backend", case_params())
 def test_double_backward_exact_or_raises(name, backend):
     op, make = CASES[name]
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import fastcontrast as fc
 from fastcontrast.validate import rel_err
-from test_mmts_official import official_max_margin, official_mmts_clip, official_shift, official_tau_base
+from test_mmts_official import (official_max_margin, official_mmts_clip, official_shift, official_sim_matrix,
+                                official_tau_base)
 
 N_LOCAL, D, D_IN = 5, 12, 7
 TOTAL, STEP, CMIN, CMAX = 5000, 1234, 3, 400
@@ -79,14 +80,6 @@ def official_mmts_clip_forward(image_features, text_features, global_step, clust
     if world_size > 1 and local_loss:
         labels = labels + num_logits * rank
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-def official_sim_matrix(a, b, eps=1e-8):
-    """losses.py:246-254."""
-    a_n, b_n = a.norm(dim=1)[:, None], b.norm(dim=1)[:, None]
-    a_norm = a / torch.max(a_n, eps * torch.ones_like(a_n))
-    b_norm = b / torch.max(b_n, eps * torch.ones_like(b_n))
-    return torch.mm(a_norm, b_norm.transpose(0, 1))
 
 
 def official_mmts_max_margin_forward(image_features, text_features, global_step, clusters, local_loss,

@@ -63,22 +63,6 @@ def test_siglip_module_matches_open_clip(backend):
         assert rel_err(a, b) <= 2e-5, (a, b)  # norm-relative: fp32 with a different summation order
 
 
-@pytest.fixture
-def atomics(monkeypatch):
-    """Counts the float atomics the Triton interpreter executes."""
-    import triton.runtime.interpreter as I
-
-    count = {"n": 0}
-    orig = I.InterpreterBuilder.create_atomic_rmw
-
-    def create_atomic_rmw(self, *args, **kw):
-        count["n"] += 1
-        return orig(self, *args, **kw)
-
-    monkeypatch.setattr(I.InterpreterBuilder, "create_atomic_rmw", create_atomic_rmw)
-    return count
-
-
 def _siglip_run(backend, dtype, n=37, m=53, d=70, seed=0):
     g = torch.Generator().manual_seed(seed)
     dev = kernel_device()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast.dispatch import BACKENDS, BackendUnavailableError, unavailable_reason
-from test_double_backward import CASES, _device
+from fastcontrast.dispatch import BACKENDS, BackendUnavailableError
+from test_double_backward import CASES, _device, case_params
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -24,19 +24,7 @@ def test_torch_func_grad_through_auto_equals_autograd(name):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name}: input {i}")
 
 
-def _explicit():
-    out = []
-    for name, (op, _) in CASES.items():
-        for be in BACKENDS:
-            if be == "reference":
-                continue
-            reason = unavailable_reason(op, be, _device(be))
-            out.append(pytest.param(name, be, id=f"{name}-{be}",
-                                    marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
-    return out
-
-
-@pytest.mark.parametrize("name,backend", _explicit())
+@pytest.mark.parametrize("name,backend", case_params(lambda op: tuple(b for b in BACKENDS if b != "reference")))
 def test_torch_func_with_an_explicit_other_backend_raises_clearly(name, backend):
     op, make = CASES[name]
     loss, inputs = make(torch.Generator().manual_seed(2), torch.float32, _device(backend))
