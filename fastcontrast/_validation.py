@@ -202,6 +202,12 @@ def poison(result, *flags: Optional[torch.Tensor]):
     return result * torch.where(bad, float("nan"), 1.0).to(result.dtype)
 
 
+def plus_zero_bias(loss, bias: Optional[torch.Tensor]):
+    """``loss + 0·bias``: for a loss computed without a bias that cancels in every softmax, so that the bias
+    still gets its exactly-zero gradient and a NaN bias still makes the loss NaN."""
+    return loss if bias is None else loss + (bias * 0).to(loss.dtype)
+
+
 def check_positive_int(name: str, v, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")

@@ -411,7 +411,7 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     # the bias cancels in every softmax (as functional._infonce): computed without it, so a |b| ≫ |s·S| costs no
     # digits; 0·b keeps its exactly-zero gradient and its NaN
     loss = _RingInfoNCE.apply(x, y, scale, torch.zeros((), device=x.device), iid, tid, r, c, group)
-    return loss if logit_bias is None else loss + (bias * 0).to(loss.dtype)
+    return V.plus_zero_bias(loss, None if logit_bias is None else bias)
 
 
 def ring_available(group: Optional[object] = None) -> bool:

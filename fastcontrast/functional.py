@@ -36,14 +36,13 @@ def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backen
     name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0], x.dtype)
     # A constant bias cancels in every softmax here (lse(l + b) − (l_p + b)): it changes nothing but the rounding,
     # and a |b| ≫ |s·S| leaves the logits no digits (kernels that add b to the lse and take it off again then
-    # overflow exp). So the loss is computed without it; 0·b keeps its exactly-zero gradient and its NaN.
-    zero = None if bias is None else bias * 0
+    # overflow exp). So the loss is computed without it (V.plus_zero_bias keeps its zero gradient and NaN).
     if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (ops/multipos.py)
         loss = _multipos.infonce_ids(name, x, y, row_scale, col_scale, None, ids[0], ids[1], normalize, tokens)
-        return loss if zero is None else loss + zero.to(loss.dtype)
+        return V.plus_zero_bias(loss, bias)
     labels, bad = V.labels_guard(labels, y.shape[0])  # out-of-range labels: NaN, not a plausible number
     loss = impl(x, y, row_scale, col_scale, None, labels, normalize, tokens)
-    return V.poison(loss if zero is None else loss + zero.to(loss.dtype), bad)
+    return V.poison(V.plus_zero_bias(loss, bias), bad)
 
 
 def _ids_or_labels(image_ids, text_ids, labels, n, m, like):
@@ -148,7 +147,7 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     labels, bad = V.labels_guard(labels, b.shape[0])
     loss = impl(a, b, scale, None, labels)  # the bias cancels in the softmax: see _infonce
-    return V.poison(loss if bias is None else loss + (bias * 0).to(loss.dtype), bad)
+    return V.poison(V.plus_zero_bias(loss, bias), bad)
 
 
 @autocast_aware("image_tokens", "text_tokens")
