@@ -11,8 +11,8 @@ import itertools
 import torch
 
 from fastcontrast.bench import median_ms
-from fastcontrast.ops import _configs
-from fastcontrast.ops.infonce import function as fn
+from fastcontrast.primitives import configs as _configs
+from fastcontrast.primitives import lse_pair as fn
 
 
 def main():
@@ -48,7 +48,7 @@ def main():
     for c in bwd_cfgs:
         _configs.OVERRIDE["_grad_tile_kernel"] = c
         try:
-            ms = median_ms(lambda: fn._lse_backward_slabs(g, g, x, y, s, s, b, *lse, False, 1, use_triton=True),
+            ms = median_ms(lambda: fn.lse_backward_slabs(g, g, x, y, s, s, b, *lse, False, 1, use_triton=True),
                            dev, warmup=2, reps=5)
             print(f"| bwd (G tiles + 2 GEMMs) | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['BLOCK_K']} | - | "
                   f"{c['num_warps']} | {c['num_stages']} | {ms:.3f} | {3 * unit / ms / 1e9:.0f} |", flush=True)

@@ -253,3 +253,27 @@ def check_step(name: str, step, total_steps: int) -> None:
         raise TypeError(f"{name} must be a number or a one-element tensor, got {type(step).__name__}")
     if not 0 <= step <= total_steps:
         raise ValueError(f"{name} must lie in [0, total_steps] = [0, {total_steps}], got {step}")
+
+
+def check_ids(image_ids, text_ids, n: int, m: int, like: torch.Tensor, labels=None):
+    """Both or neither; integer (N,) and (M,) on the features' device; not together with labels."""
+    if image_ids is None and text_ids is None:
+        return None, None
+    if image_ids is None or text_ids is None:
+        missing = "image_ids" if image_ids is None else "text_ids"
+        raise ValueError(f"{missing} is required when the other side's ids are given (pairs with equal ids are "
+                         "positives)")
+    if labels is not None:
+        raise ValueError("pass either labels (one positive per image) or image_ids/text_ids (groups), not both")
+    out = []
+    for name, ids, length in (("image_ids", image_ids, n), ("text_ids", text_ids, m)):
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name} must be an integer torch.Tensor of shape ({length},), got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+        if ids.shape != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(ids.shape)}")
+        if ids.device != like.device:
+            raise ValueError(f"{name} is on {ids.device} but the features are on {like.device}")
+        out.append(ids.long())
+    return out[0], out[1]

@@ -1,7 +1,9 @@
-"""The one place that picks a backend.
+"""The one place that picks a backend, and the implementation object everything below receives.
 
-Every op registers its implementations here (``register(op, backend)``); every public function asks
-``resolve(op, backend, device, size)`` for the callable. Backends:
+Every loss module registers its implementations here (``register(op, backend, ...)``); every public function
+asks ``resolve(op, backend, device, size, dtype)`` once and gets an :class:`Impl`: which backend runs, which
+compute kernel its forward and backward take (decided here, never again below), what it supports, and the
+callable. Backends:
 
 * ``triton``: fused Triton kernels (CUDA; the CPU only through the Triton interpreter, a test tool);
 * ``cuda``, ``cpu``: the fused kernels of the compiled extension (csrc/);
@@ -14,15 +16,29 @@ reference where an op has no dense path), above it the fused kernels: triton > c
 cpu > reference on the CPU. The crossovers are measured (benchmarks/RESULTS.md says where and with which
 command) and can be set with :func:`set_crossover` or ``FASTCONTRAST_CROSSOVER_CPU`` / ``_CUDA`` (elements).
 An explicit backend that cannot run says why.
+
+Kernels (``Impl.kernel``, ``Impl.backward_kernel``): ``triton``, ``cuda``, ``cpu`` (csrc), ``tiles`` (the
+blockwise PyTorch implementation of the same tiling: O(N·D) memory, float64-exact), ``dense``, ``reference``.
+Two substitutions are made here and nowhere else:
+
+* float64 on a kernel that computes in float32 would come back with float32 accuracy (a loss off in the 8th
+  digit, a gradcheck that fails for no visible reason): such an op declares ``float64="tiles"`` (its Triton path
+  has PyTorch tiles in float64) or ``float64="reference"`` (the op's reference runs instead);
+* under ``torch.use_deterministic_algorithms(True)`` the CUDA extension's backward (atomicAdd of the scale
+  gradients, in an order that changes from run to run) gives way to the PyTorch tiles: the same math with
+  fixed-order reductions. The Triton kernels are deterministic in every mode.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "dense", "reference")
+FUSED = ("triton", "cuda", "cpu")
 _FUSED_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 # Pairwise size N·M at or below which "auto" takes the materialised path.
@@ -38,31 +54,93 @@ _CROSSOVER = {
     "cuda": int(os.environ.get("FASTCONTRAST_CROSSOVER_CUDA", 4096 * 4096)),
 }
 
-_registry: Dict[Tuple[str, str], Callable] = {}
-_auto_cache: Dict[Tuple[str, str, bool, bool], Tuple[str, Callable]] = {}
-
-# Kernels that compute in float32 whatever they are given: float64 inputs would come back with float32 accuracy
-# (a loss off in the 8th digit, a gradcheck that fails for no visible reason). For float64 these backends run
-# the op's float64 reference instead (materialised: float64 is for checks and small problems), as the Triton
-# InfoNCE family (infonce, ce_rows, momentum_contrastive, swapped_prediction, distill) runs its float64 PyTorch
-# tiles. The CUDA extension's other kernels refuse float64 with an error of their own (csrc/cuda_binding.cpp).
-_FLOAT32_ONLY = {("siglip", "triton"), ("max_margin", "triton"), ("sinkhorn", "triton"), ("sinkhorn", "cuda")}
-
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message says why."""
 
 
-def register(op: str, backend: str):
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One registered implementation: the callable and what it declares about itself."""
+    fn: Callable
+    float64: str  # "native" | "tiles" (its fused path runs PyTorch tiles in float64) | "reference"
+    deterministic: bool  # bitwise repeatable run to run (before the deterministic-mode substitution)
+    double_backward: bool  # exact second derivatives (create_graph=True); else a clear error
+    wants_impl: bool  # fn takes the resolved Impl as its keyword-only ``impl`` argument
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """What :func:`resolve` decided, passed down to the code that runs it.
+
+    ``backend``: the backend that runs; ``kernel`` / ``backward_kernel``: the compute kernels of its forward
+    and backward (see the module doc); ``dtypes``: the dtypes it computes in (others are refused by the public
+    API's checks); ``deterministic``: bitwise repeatable run to run as resolved; ``double_backward``: exact
+    second derivatives (else a clear error under create_graph=True); ``devices``: where it can run."""
+    op: str
+    backend: str
+    kernel: str
+    backward_kernel: str
+    dtypes: Tuple[torch.dtype, ...]
+    deterministic: bool
+    double_backward: bool
+    devices: Tuple[str, ...]
+    fn: Callable = dataclasses.field(repr=False, compare=False)
+    wants_impl: bool = dataclasses.field(default=False, repr=False, compare=False)
+
+    def __call__(self, *args, **kwargs):
+        if self.wants_impl:
+            return self.fn(*args, impl=self, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+_registry: Dict[Tuple[str, str], Entry] = {}
+_cache: Dict[tuple, Impl] = {}
+
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEVICES = {"triton": ("cuda", "cpu (TRITON_INTERPRET=1)"), "cuda": ("cuda",), "cpu": ("cpu",),
+            "dense": ("cpu", "cuda"), "reference": ("cpu", "cuda")}
+
+
+def register(op: str, backend: str, *, float64: str = "native", deterministic: bool = True,
+             double_backward: Optional[bool] = None):
+    """Decorator: ``fn`` implements ``op`` on ``backend``. ``float64``: how float64 inputs are served (module doc);
+    ``double_backward`` defaults to True on dense/reference (autograd or its rebuild), False on fused backends.
+    A function with a keyword-only ``impl`` parameter receives the resolved :class:`Impl`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
+    if float64 not in ("native", "tiles", "reference"):
+        raise ValueError(f"float64 must be 'native', 'tiles' or 'reference', got {float64!r}")
 
     def deco(fn):
-        _registry[(op, backend)] = fn
-        _auto_cache.clear()
+        params = inspect.signature(fn).parameters
+        wants = "impl" in params and params["impl"].kind == inspect.Parameter.KEYWORD_ONLY
+        dbl = backend in ("dense", "reference") if double_backward is None else double_backward
+        _registry[(op, backend)] = Entry(fn, float64, deterministic, dbl, wants)
+        _cache.clear()
         return fn
 
     return deco
+
+
+def register_fused(op: str, fn: Callable, *, backends: Tuple[str, ...] = FUSED, triton_float64: str = "tiles",
+                   cuda_float64: str = "native", cuda_atomics: bool = True) -> Callable:
+    """``fn`` implements ``op`` on the fused ``backends``. The Triton kernels compute in float32: float64 gets
+    ``triton_float64`` ("tiles": the PyTorch tiles in float64; "reference": the op's reference); csrc's CUDA
+    kernels ``cuda_float64``; the C++ CPU kernels take float64 natively. ``cuda_atomics``: csrc's CUDA backward
+    adds with atomicAdd (not bitwise repeatable; its backward takes the tiles in deterministic mode)."""
+    for b in backends:
+        f64 = {"triton": triton_float64, "cuda": cuda_float64}.get(b, "native")
+        register(op, b, float64=f64, deterministic=not (b == "cuda" and cuda_atomics))(fn)
+    return fn
+
+
+def registered(op: Optional[str] = None):
+    """{op: backends registered} (every op), or the backends registered for ``op``."""
+    if op is not None:
+        return tuple(b for b in BACKENDS if (op, b) in _registry)
+    ops = sorted({o for o, _ in _registry})
+    return {o: registered(o) for o in ops}
 
 
 def crossover(device_type: str) -> int:
@@ -84,10 +162,10 @@ def triton_interpret() -> bool:
 
 
 def _triton_reason(device: torch.device) -> Optional[str]:
-    from .ops import _triton_support
+    from .primitives import triton_support
 
-    if _triton_support.IMPORT_ERROR is not None:
-        return f"triton is not importable ({_triton_support.IMPORT_ERROR})"
+    if triton_support.IMPORT_ERROR is not None:
+        return f"triton is not importable ({triton_support.IMPORT_ERROR})"
     if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
         return None
     return f"triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run them on the CPU interpreter)"
@@ -120,22 +198,40 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
     return reason
 
 
-def _impl(op: str, backend: str, f64: bool) -> Callable:
-    if f64 and (op, backend) in _FLOAT32_ONLY:
-        return _registry[(op, "reference")]
-    return _registry[(op, backend)]
+def _build(op: str, backend: str, f64: bool, deterministic_mode: bool) -> Impl:
+    """The one decision: which kernels run ``op`` on ``backend`` for this dtype class and determinism mode."""
+    entry = _registry[(op, backend)]
+    kernel = backend
+    if f64 and entry.float64 == "reference":
+        ref = _registry[(op, "reference")]
+        return Impl(op, backend, "reference", "reference", _ALL_DTYPES, ref.deterministic, ref.double_backward,
+                    _DEVICES[backend], ref.fn, ref.wants_impl)
+    if f64 and entry.float64 == "tiles":
+        kernel = "tiles"
+    backward = kernel
+    deterministic = entry.deterministic
+    if kernel == "cuda" and deterministic_mode and not deterministic:
+        backward, deterministic = "tiles", True
+    dtypes = _ALL_DTYPES if entry.float64 != "reference" else _ALL_DTYPES[:3]
+    return Impl(op, backend, kernel, backward, dtypes, deterministic, entry.double_backward, _DEVICES[backend],
+                entry.fn, entry.wants_impl)
 
 
-def _auto(op: str, device: torch.device, small: bool, f64: bool = False) -> Tuple[str, Callable]:
-    key = (op, device.type, small, f64)
-    hit = _auto_cache.get(key)
-    if hit is not None:
-        return hit
+def _impl(op: str, backend: str, dtype: Optional[torch.dtype]) -> Impl:
+    f64 = dtype == torch.float64
+    det = torch.are_deterministic_algorithms_enabled()
+    key = (op, backend, f64, det)
+    hit = _cache.get(key)
+    if hit is None:
+        hit = _cache[key] = _build(op, backend, f64, det)
+    return hit
+
+
+def _auto_backend(op: str, device: torch.device, small: bool) -> str:
     order = ("dense", "reference") if small else _FUSED_ORDER.get(device.type, ("reference",))
     for cand in order:
         if unavailable_reason(op, cand, device) is None:
-            _auto_cache[key] = (cand, _impl(op, cand, f64))
-            return _auto_cache[key]
+            return cand
     raise BackendUnavailableError(f"no backend can run {op!r} on {device}")  # reference always registers
 
 
@@ -146,16 +242,17 @@ def _under_torch_func() -> bool:
 
 
 def resolve(op: str, backend: str, device: torch.device, size: int = 0,
-            dtype: Optional[torch.dtype] = None) -> Tuple[str, Callable]:
-    """``(backend_name, implementation)`` for ``op`` on ``device``; ``size`` = N·M decides ``"auto"``;
-    ``dtype``: the inputs' dtype; float64 on a float32-only kernel gets the op's float64 reference.
+            dtype: Optional[torch.dtype] = None) -> Impl:
+    """The :class:`Impl` that runs ``op`` on ``device``; ``size`` = N·M decides ``"auto"``; ``dtype``: the inputs'
+    dtype (float64 on a float32-only kernel gets what the op declared: PyTorch tiles or its reference).
     Under torch.func transforms only the reference composes (the other backends' autograd is hand-written):
     ``"auto"`` takes it there and an explicit other backend raises."""
     func = _under_torch_func()
     if backend == "auto":
         if func:
-            return "reference", _impl(op, "reference", dtype == torch.float64)
-        return _auto(op, device, 0 < size <= _CROSSOVER.get(device.type, 0), dtype == torch.float64)
+            return _impl(op, "reference", dtype)
+        small = 0 < size <= _CROSSOVER.get(device.type, 0)
+        return _impl(op, _auto_backend(op, device, small), dtype)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if func and backend in BACKENDS and backend != "reference":
@@ -168,7 +265,19 @@ def resolve(op: str, backend: str, device: torch.device, size: int = 0,
         if backend not in BACKENDS:
             raise ValueError(f"backend: {reason}")
         raise BackendUnavailableError(f"backend {backend!r} is unavailable for {op!r}: {reason}")
-    return backend, _impl(op, backend, dtype == torch.float64)
+    return _impl(op, backend, dtype)
+
+
+def kernel_impl(op: str, kernel: str) -> Impl:
+    """``op``'s fused implementation pinned to one compute ``kernel`` (e.g. "tiles", the blockwise PyTorch path
+    behind every lse-based fused op), for benchmarks and tests that measure one kernel; the public API never
+    calls it (it resolves)."""
+    for backend in FUSED:
+        entry = _registry.get((op, backend))
+        if entry is not None:
+            return Impl(op, backend, kernel, kernel, _ALL_DTYPES, entry.deterministic, entry.double_backward,
+                        _DEVICES[backend], entry.fn, entry.wants_impl)
+    raise ValueError(f"op {op!r} has no fused implementation")
 
 
 def _visible_devices():

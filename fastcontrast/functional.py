@@ -10,12 +10,11 @@ from typing import Optional, Union
 import torch
 
 from . import _validation as V
-from . import ops  # noqa: F401  (registers implementations)
+from . import losses  # noqa: F401  (registers implementations)
 from ._amp import autocast_aware
 from .dispatch import resolve
-from .ops.adaptive.reference import cosine_schedule, density_to_temperature
-from .ops import multipos as _multipos
-from .ops.codebook.reference import teacher_scores
+from .losses.codebook_loss import teacher_scores
+from .losses.temperature import cosine_schedule, density_to_temperature
 
 Scalar = Union[float, torch.Tensor]
 
@@ -33,13 +32,14 @@ def _check_image_text(image_features, text_features):
 
 
 def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backend, ids=None):
-    name, impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0], x.dtype)
     # A constant bias cancels in every softmax here (lse(l + b) − (l_p + b)): it changes nothing but the rounding,
     # and a |b| ≫ |s·S| leaves the logits no digits (kernels that add b to the lse and take it off again then
     # overflow exp). So the loss is computed without it (V.plus_zero_bias keeps its zero gradient and NaN).
-    if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (ops/multipos.py)
-        loss = _multipos.infonce_ids(name, x, y, row_scale, col_scale, None, ids[0], ids[1], normalize, tokens)
+    if ids is not None:  # groups of positives (UniCL): the backend's lse plus per-group sums (losses/clip_loss.py)
+        impl = resolve("infonce_ids", backend, x.device, x.shape[0] * y.shape[0], x.dtype)
+        loss = impl(x, y, row_scale, col_scale, None, ids[0], ids[1], normalize, tokens)
         return V.plus_zero_bias(loss, bias)
+    impl = resolve("infonce", backend, x.device, x.shape[0] * y.shape[0], x.dtype)
     labels, bad = V.labels_guard(labels, y.shape[0])  # out-of-range labels: NaN, not a plausible number
     loss = impl(x, y, row_scale, col_scale, None, labels, normalize, tokens)
     return V.poison(V.plus_zero_bias(loss, bias), bad)
@@ -47,7 +47,7 @@ def _infonce(x, y, row_scale, col_scale, bias, labels, normalize, tokens, backen
 
 def _ids_or_labels(image_ids, text_ids, labels, n, m, like):
     """(ids or None, labels): group ids replace labels; without them, labels as before."""
-    ids = _multipos.check_ids(image_ids, text_ids, n, m, like, labels)
+    ids = V.check_ids(image_ids, text_ids, n, m, like, labels)
     if ids[0] is not None:
         return ids, None
     return None, V.check_labels(labels, n, m, like, diagonal_as_none=True)
@@ -111,7 +111,7 @@ def siglip_loss(
     n, m = image_features.shape[0], text_features.shape[0]
     if weighting not in ("none", "inverse_count"):
         raise ValueError(f"weighting must be 'none' or 'inverse_count' (SigLIP+), got {weighting!r}")
-    ids = _multipos.check_ids(image_ids, text_ids, n, m, image_features, labels)
+    ids = V.check_ids(image_ids, text_ids, n, m, image_features, labels)
     if ids[0] is not None and negative_only:
         raise ValueError("negative_only makes every pair a negative: it cannot be combined with image_ids/text_ids")
     if labels is not None and negative_only:  # else they would be ignored without a word
@@ -120,12 +120,10 @@ def siglip_loss(
         raise ValueError("weighting='inverse_count' needs image_ids and text_ids (the groups of positives)")
     labels = None if negative_only or ids[0] is not None else V.check_labels(labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
-    name, impl = resolve("siglip", backend, image_features.device, n * m, image_features.dtype)
     if ids[0] is not None:
-        if name == "reference":
-            return _multipos.siglip_ids_reference(image_features, text_features, scale, bias, ids[0], ids[1],
-                                                  weighting)
-        return _multipos.siglip_ids(impl, image_features, text_features, scale, bias, ids[0], ids[1], weighting)
+        impl = resolve("siglip_ids", backend, image_features.device, n * m, image_features.dtype)
+        return impl(image_features, text_features, scale, bias, ids[0], ids[1], weighting)
+    impl = resolve("siglip", backend, image_features.device, n * m, image_features.dtype)
     labels, bad = V.labels_guard(labels, m)
     return V.poison(impl(image_features, text_features, scale, bias, labels, bool(negative_only)), bad)
 
@@ -144,7 +142,7 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     bias = _bias(logit_bias, a)
     labels = V.check_labels(labels, a.shape[0], b.shape[0], a)
     V.check_finite(a=a, b=b)
-    _, impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
+    impl = resolve("ce_rows", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     labels, bad = V.labels_guard(labels, b.shape[0])
     loss = impl(a, b, scale, None, labels)  # the bias cancels in the softmax: see _infonce
     return V.poison(V.plus_zero_bias(loss, bias), bad)
@@ -266,7 +264,7 @@ def max_margin_loss(
                          "text (M = 1) there are none (the mean would be 0/0 = NaN): use reduction='sum' or "
                          "hardest=True, or a batch with at least 2 texts")
     V.check_finite(image_features=image_features, text_features=text_features)
-    _, impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0],
+    impl = resolve("max_margin", backend, image_features.device, n * text_features.shape[0],
                       image_features.dtype)
     labels, bad = V.labels_guard(labels, text_features.shape[0])
     # the fused hinges' [z]_+ tests z > 0, false for NaN: a NaN feature or margin would vanish into a finite loss
@@ -295,7 +293,7 @@ def mmts_temperature(
     Returns (N,) float32 (float64 for float64 sizes), no gradient; use the same τ for both directions
     (:func:`adaptive_temperature_clip_loss`) or as the margin (:func:`max_margin_loss`).
     """
-    from .ops.adaptive.reference import mmts_temperature as _mmts
+    from .losses.temperature import mmts_temperature as _mmts
 
     sizes = V.check_cluster_sizes("cluster_sizes", cluster_sizes)
     total_steps = V.check_positive_int("total_steps", total_steps)
@@ -345,7 +343,7 @@ def density_temperature(
     if not tau_min <= tau <= tau_max:
         raise ValueError(f"need tau_min <= tau <= tau_max, got {tau_min}, {tau}, {tau_max}")
     V.check_finite(features=features)
-    _, impl = resolve("density", backend, features.device, n * n, features.dtype)
+    impl = resolve("density", backend, features.device, n * n, features.dtype)
     with torch.no_grad():
         return density_to_temperature(impl(features, k), tau, tau_min, tau_max).to(
             features.dtype if features.dtype == torch.float64 else torch.float32)
@@ -358,7 +356,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iters: int = 3, back
     epsilon = V.check_positive_float("epsilon", epsilon)
     n_iters = V.check_positive_int("n_iters", n_iters)
     V.check_finite(scores=scores)
-    _, impl = resolve("sinkhorn", backend, scores.device, scores.numel(), scores.dtype)
+    impl = resolve("sinkhorn", backend, scores.device, scores.numel(), scores.dtype)
     return impl(scores.detach(), epsilon, n_iters)
 
 
@@ -437,10 +435,10 @@ def codebook_loss(
     V.check_finite(**dict(zip(names, feats)), codebook=codebook)
     dev = image_features.device
     size = image_features.shape[0] * codebook.shape[0]
-    _, ce = resolve("swapped_prediction", backend, dev, size, image_features.dtype)
+    ce = resolve("swapped_prediction", backend, dev, size, image_features.dtype)
     nf, nc = bool(normalize_features), bool(normalize_codes)
     if not _global_sinkhorn(sinkhorn_group):
-        _, sk = resolve("sinkhorn", backend, dev, size, teacher_image_features.dtype)
+        sk = resolve("sinkhorn", backend, dev, size, teacher_image_features.dtype)
     else:
         from .distributed import distributed_sinkhorn
 
@@ -496,7 +494,7 @@ def momentum_contrastive_loss(
         raise ValueError("teacher_query is required when alpha > 0 (the momentum teacher's soft targets)")
     scale = V.as_scalar_tensor("logit_scale", logit_scale, query)
     V.check_finite(query=query, keys=keys, teacher_query=teacher_query, queue=queue)
-    _, impl = resolve("momentum_contrastive", backend, query.device,
+    impl = resolve("momentum_contrastive", backend, query.device,
                       query.shape[0] * (keys.shape[0] + (0 if queue is None else queue.shape[0])), query.dtype)
     return impl(query, keys.detach(), None if teacher_query is None else teacher_query.detach(), queue, scale,
                 alpha, bool(normalize))
@@ -538,7 +536,7 @@ def distill_clip_loss(
     t_scale = V.as_scalar_tensor("teacher_logit_scale", teacher_logit_scale, image_features).detach()
     V.check_finite(image_features=image_features, text_features=text_features,
                    teacher_image_features=teacher_image_features, teacher_text_features=teacher_text_features)
-    _, impl = resolve("distill", backend, image_features.device, n * n, image_features.dtype)
+    impl = resolve("distill", backend, image_features.device, n * n, image_features.dtype)
     ti, tt = teacher_image_features.detach(), teacher_text_features.detach()
     return impl(image_features, text_features, scale, ti, tt, t_scale, 0, image_features, text_features, ti, tt)
 

@@ -10,7 +10,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import functional as Fn
 from .dispatch import BACKENDS, unavailable_reason
 
 # Relative-error tolerances by working dtype (fp32 kernels may use tf32 dots on GPU: 1e-3 there).
@@ -26,99 +25,16 @@ class Case:
     differentiable: bool = True
 
 
-def _randn(g, shape, device, dtype, scale=1.0):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-
-def _clip_inputs(n, m, d):
-    def make(g, dev, dt):
-        return {
-            "image_features": _randn(g, (n, d), dev, dt),
-            "text_features": _randn(g, (m, d), dev, dt),
-            "logit_scale": torch.tensor(7.5, dtype=torch.float32 if dt != torch.float64 else dt, device=dev),
-            "labels": torch.randint(0, m, (n,), generator=g).to(dev) if n != m else None,
-        }
-    return make
-
-
 def default_cases(n: int = 37, m: int = 53, d: int = 40, k: int = 3) -> List[Case]:
-    """Ragged sizes on purpose: N, M not multiples of any tile, N != M."""
-    dtok = max(d // k, 2)
+    """One case per op of the op list (:data:`fastcontrast.oplist.OPS`), at ragged sizes on purpose: N, M not
+    multiples of any tile, N != M (ops that pair i with i use N rows on both sides)."""
+    from .oplist import OPS
 
-    def oblique_make(g, dev, dt):
-        return {
-            "image_tokens": _randn(g, (n, k, dtok), dev, dt),
-            "text_tokens": _randn(g, (n, k, dtok), dev, dt),
-            "logit_scale": torch.tensor(4.0, dtype=torch.float32 if dt != torch.float64 else dt, device=dev),
-        }
+    def case(op):
+        return Case(op.name, op.dispatch, lambda g, dev, dt: op.make(g, dev, dt, n, m, d, k),
+                    lambda backend, **kw: op(backend, **kw), op.differentiable)
 
-    def adaptive_make(g, dev, dt):
-        inp = _clip_inputs(n, m, d)(g, dev, dt)
-        f = torch.float32 if dt != torch.float64 else dt
-        inp.pop("logit_scale")
-        inp["tau_image"] = (0.05 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64)).to(dev, f)
-        inp["tau_text"] = (0.05 + 0.1 * torch.rand(m, generator=g, dtype=torch.float64)).to(dev, f)
-        return inp
-
-    def margin_make(g, dev, dt):
-        inp = _clip_inputs(n, m, d)(g, dev, dt)
-        inp.pop("logit_scale")
-        return inp
-
-    def mmts_margin_make(g, dev, dt):  # margin m_i = τ_i(t), MM-TS's per-pair margin
-        inp = margin_make(g, dev, dt)
-        sizes = torch.randint(1, 50, (n,), generator=g).to(dev)
-        inp["margin"] = Fn.mmts_temperature(sizes, 7, 100, 1, 49)
-        return inp
-
-    def diagonal_margin_make(g, dev, dt):
-        sizes = torch.randint(1, 50, (n,), generator=g).to(dev)
-        return {"image_features": _randn(g, (n, d), dev, dt), "text_features": _randn(g, (n, d), dev, dt),
-                "margin": Fn.mmts_temperature(sizes, 7, 100, 1, 49)}
-
-    def codebook_make(g, dev, dt):
-        return {
-            "image_features": _randn(g, (n, d), dev, dt), "text_features": _randn(g, (n, d), dev, dt),
-            "teacher_image_features": _randn(g, (n, d), dev, dt), "teacher_text_features": _randn(g, (n, d), dev, dt),
-            "codebook": _randn(g, (11, d), dev, dt),
-        }
-
-    def momentum_make(g, dev, dt):  # ALBEF/CODIS instance term: student queries vs teacher keys + a queue
-        return {"query": _randn(g, (n, d), dev, dt), "keys": _randn(g, (n, d), dev, dt),
-                "teacher_query": _randn(g, (n, d), dev, dt), "queue": _randn(g, (m, d), dev, dt),
-                "logit_scale": torch.tensor(1 / 0.07, dtype=torch.float32 if dt != torch.float64 else dt, device=dev)}
-
-    def codebook_queue_make(g, dev, dt):
-        inp = codebook_make(g, dev, dt)
-        inp["queue_image"], inp["queue_text"] = _randn(g, (m, d), dev, dt), _randn(g, (m, d), dev, dt)
-        return inp
-
-    return [
-        Case("clip_loss", "infonce", _clip_inputs(n, m, d),
-             lambda backend, **kw: Fn.clip_loss(**kw, logit_bias=-1.5, normalize=False, backend=backend)),
-        Case("clip_loss(normalize)", "infonce", _clip_inputs(n, m, d),
-             lambda backend, **kw: Fn.clip_loss(**kw, normalize=True, backend=backend)),
-        Case("oblique_clip_loss", "infonce", oblique_make,
-             lambda backend, **kw: Fn.oblique_clip_loss(**kw, backend=backend)),
-        Case("adaptive_temperature", "infonce", adaptive_make,
-             lambda backend, **kw: Fn.adaptive_temperature_clip_loss(**kw, normalize=True, backend=backend)),
-        Case("siglip_loss", "siglip", _clip_inputs(n, m, d),
-             lambda backend, **kw: Fn.siglip_loss(**kw, logit_bias=-2.0, backend=backend)),
-        Case("max_margin(mean)", "max_margin", margin_make,
-             lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, backend=backend)),
-        Case("max_margin(mmts margin)", "max_margin", mmts_margin_make,
-             lambda backend, **kw: Fn.max_margin_loss(**kw, backend=backend)),
-        Case("max_margin(diagonal)", "max_margin", diagonal_margin_make,  # pairs i ↔ i: the one-sweep kernels
-             lambda backend, **kw: Fn.max_margin_loss(**kw, backend=backend)),
-        Case("max_margin(hardest)", "max_margin", margin_make,
-             lambda backend, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=True, backend=backend)),
-        Case("codebook_loss", "swapped_prediction", codebook_make,
-             lambda backend, **kw: Fn.codebook_loss(**kw, tau=0.2, epsilon=0.1, n_iters=5, backend=backend)),
-        Case("codebook_loss(queue)", "swapped_prediction", codebook_queue_make,
-             lambda backend, **kw: Fn.codebook_loss(**kw, tau=0.2, epsilon=0.1, n_iters=5, backend=backend)),
-        Case("momentum_contrastive", "momentum_contrastive", momentum_make,
-             lambda backend, **kw: Fn.momentum_contrastive_loss(**kw, alpha=0.4, backend=backend)),
-    ]
+    return [case(op) for op in OPS]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ from fastcontrast.dispatch import resolve
 
 
 def test_auto_picks_reference_without_fast_backends():
-    name, _ = resolve("max_margin", "auto", torch.device("cpu"))
+    name = resolve("max_margin", "auto", torch.device("cpu")).backend
     assert name in ("cpu", "reference")
     assert "reference" in fc.available_backends("infonce", torch.device("cpu"))
 
@@ -92,9 +92,9 @@ def test_auto_is_size_aware():
     before = crossover("cpu")
     try:
         set_crossover("cpu", 100)
-        assert resolve("infonce", "auto", dev, 10 * 10)[0] == "dense"  # small: materialised
-        assert resolve("siglip", "auto", dev, 10 * 10)[0] == "reference"  # no dense path: the reference
-        big = resolve("infonce", "auto", dev, 11 * 11)[0]
+        assert resolve("infonce", "auto", dev, 10 * 10).backend == "dense"  # small: materialised
+        assert resolve("siglip", "auto", dev, 10 * 10).backend == "reference"  # no dense path: the reference
+        big = resolve("infonce", "auto", dev, 11 * 11).backend
         assert big == ("cpu" if fc.dispatch.unavailable_reason("infonce", "cpu", dev) is None else "reference")
         x, y = torch.randn(10, 8), torch.randn(10, 8)
         assert torch.allclose(fc.clip_loss(x, y, 5.0), fc.clip_loss(x, y, 5.0, backend="dense"))

@@ -1,7 +1,7 @@
 """Every op under torch.autocast (float32 loss, no crash in a kernel) and with no host sync in forward+backward.
 
 Autocast policy (fastcontrast/_amp.py): features are computed in float32 on the CPU and in the autocast dtype
-on CUDA; the loss is float32. Host syncs: a TorchDispatchMode (fastcontrast._memtrack.HostSyncs) records every
+on CUDA; the loss is float32. Host syncs: a TorchDispatchMode (fastcontrast.tools.memtrack.HostSyncs) records every
 op that would make the host wait for a GPU (value reads, data-dependent shapes, device-to-host copies); it sees
 them on CPU tensors too, and looks inside the custom ops and the C++ kernels they call.
 """
@@ -10,7 +10,7 @@ import torch
 
 import fastcontrast as fc
 from conftest import HAS_CUDA, backend_param, kernel_device, requires_cuda
-from fastcontrast._memtrack import HostSyncs
+from fastcontrast.tools.memtrack import HostSyncs
 from fastcontrast.validate import default_cases, rel_err
 
 CASES = {c.name: c for c in default_cases(n=19, m=19, d=24)}

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from _ops import dispatch_of, uncovered
 import fastcontrast as fc
 from fastcontrast import BackendUnavailableError
 
@@ -126,23 +127,29 @@ def test_cliploss_module_mismatched_batch():
 # ------------------------------------------------------------------ invalid labels without a host sync (issue 20)
 def _label_calls():
     """(name, backend, call(x, y, s, labels)) for every public loss that takes labels, on every backend here."""
-    from fastcontrast import functional as F
     from fastcontrast.dispatch import available_backends
 
-    calls = {
-        "clip": ("infonce", lambda x, y, s, lab, b: fc.clip_loss(x, y, s, labels=lab, backend=b)),
-        "clip_bias": ("infonce", lambda x, y, s, lab, b: fc.clip_loss(x, y, s, -1.0, labels=lab, backend=b)),
-        "siglip": ("siglip", lambda x, y, s, lab, b: fc.siglip_loss(x, y, s, -1.0, labels=lab, backend=b)),
-        "ce_rows": ("ce_rows", lambda x, y, s, lab, b: F.ce_rows(x, y, s, labels=lab, backend=b)),
-        "oblique": ("infonce", lambda x, y, s, lab, b: fc.oblique_clip_loss(
-            x.reshape(x.shape[0], 2, -1), y.reshape(y.shape[0], 2, -1), s, labels=lab, backend=b)),
-        "adaptive": ("infonce", lambda x, y, s, lab, b: fc.adaptive_temperature_clip_loss(
-            x, y, 1 / s, torch.full((y.shape[0],), 0.3), labels=lab, backend=b)),
-        "max_margin": ("max_margin", lambda x, y, s, lab, b: fc.max_margin_loss(
-            x, y, 0.2 * s, labels=lab, backend=b)),
-    }
-    return [pytest.param(name, b, fn, id=f"{name}-{b}") for name, (op, fn) in calls.items()
-            for b in available_backends(op, "cpu") + ("auto",)]
+    return [pytest.param(name, b, fn, id=f"{name}-{b}") for name, fn in LABEL_CALLS.items()
+            for b in available_backends(dispatch_of(name), "cpu") + ("auto",)]
+
+
+# every public loss that takes labels (names of the op list; the dispatcher op is the op list's)
+LABEL_CALLS = {
+    "clip_loss": lambda x, y, s, lab, b: fc.clip_loss(x, y, s, labels=lab, backend=b),
+    "clip_loss(bias)": lambda x, y, s, lab, b: fc.clip_loss(x, y, s, -1.0, labels=lab, backend=b),
+    "siglip_loss": lambda x, y, s, lab, b: fc.siglip_loss(x, y, s, -1.0, labels=lab, backend=b),
+    "ce_rows": lambda x, y, s, lab, b: fc.functional.ce_rows(x, y, s, labels=lab, backend=b),
+    "oblique_clip_loss": lambda x, y, s, lab, b: fc.oblique_clip_loss(
+        x.reshape(x.shape[0], 2, -1), y.reshape(y.shape[0], 2, -1), s, labels=lab, backend=b),
+    "adaptive_temperature_clip_loss": lambda x, y, s, lab, b: fc.adaptive_temperature_clip_loss(
+        x, y, 1 / s, torch.full((y.shape[0],), 0.3), labels=lab, backend=b),
+    "max_margin_loss": lambda x, y, s, lab, b: fc.max_margin_loss(x, y, 0.2 * s, labels=lab, backend=b),
+}
+NO_LABELS = ("codebook_loss", "momentum_contrastive_loss", "distill_clip_loss")  # positives are fixed (i ↔ i)
+
+
+def test_every_labelled_loss_of_the_op_list_is_covered():
+    assert not uncovered(LABEL_CALLS, NO_LABELS), uncovered(LABEL_CALLS, NO_LABELS)
 
 
 BAD_LABELS = {"negative": [0, 1, 2, 3, 4, -1], "all_minus_one": [-1] * 6, "too_large": [0, 1, 2, 3, 4, 5],

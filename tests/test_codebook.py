@@ -6,27 +6,28 @@ import pytest
 import torch
 
 import fastcontrast as fc
+from _ops import backend_params
 from fastcontrast import _ext
-from fastcontrast.ops import _tiles
-from fastcontrast.ops.codebook import function as cbf
-from fastcontrast.ops.codebook.reference import swapped_prediction_reference
+from fastcontrast.primitives import tiles as _tiles
+from fastcontrast.primitives import soft_ce as cbf
+from fastcontrast.losses.codebook_loss import swapped_prediction_reference
 from fastcontrast.validate import Case, default_cases
 
-from conftest import assert_matches_reference, backend_param, kernel_device
+from conftest import assert_matches_reference, kernel_device
 
 FAST = ["triton", "cuda", "cpu", "dense"]
 CASE = next(c for c in default_cases() if c.name == "codebook_loss")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", [backend_param("swapped_prediction", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("swapped_prediction", kernel_device(), FAST))
 def test_codebook_matches_reference(backend, dtype):
     assert_matches_reference(CASE, backend, dtype, kernel_device(), seeds=(0, 1, 2))
 
 
 @pytest.mark.parametrize("n,k,d", [(37, 11, 40), (70, 33, 24), (5, 64, 16)], ids=str)
 @pytest.mark.parametrize("nf,nc", [(True, True), (True, False), (False, True), (False, False)])
-@pytest.mark.parametrize("backend", [backend_param("swapped_prediction", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("swapped_prediction", kernel_device(), FAST))
 def test_codebook_ragged_and_options(backend, n, k, d, nf, nc):
     def make(g, dev, dt):
         f = lambda: torch.randn(n, d, generator=g).to(dev, dt)  # noqa: E731
@@ -39,7 +40,7 @@ def test_codebook_ragged_and_options(backend, n, k, d, nf, nc):
     assert_matches_reference(case, backend, torch.float32, kernel_device(), seeds=(4,))
 
 
-@pytest.mark.parametrize("backend", [backend_param("sinkhorn", b) for b in FAST + ["reference"]])
+@pytest.mark.parametrize("backend", backend_params("sinkhorn", kernel_device(), FAST + ["reference"]))
 @pytest.mark.parametrize("n,k", [(37, 11), (64, 100)], ids=str)
 def test_sinkhorn_marginals_and_agreement(backend, n, k):
     dev = kernel_device()
@@ -53,7 +54,7 @@ def test_sinkhorn_marginals_and_agreement(backend, n, k):
     assert float((few.double() - ref).norm() / ref.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", [backend_param("sinkhorn", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("sinkhorn", kernel_device(), FAST))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sinkhorn_sharp_and_dead_code(backend, dtype):
     """ε = 0.01 on cosine scores (exponents up to ±100) and one code no sample is near (a dead column)."""
@@ -77,19 +78,18 @@ def test_soft_ce_rows_gradcheck_and_reference(path, monkeypatch):
     through the C++ kernel and through the op's PyTorch blocks (what runs without the extension)."""
     if path == "extension" and _ext._C is None:
         pytest.skip(f"C++ extension not built: {_ext.IMPORT_ERROR}")
-    if path == "pytorch":
-        monkeypatch.setattr(_ext, "_C", None)
+    kernel = "cpu" if path == "extension" else "tiles"
     monkeypatch.setattr(_tiles, "BLOCK_BYTES", 8 * 13 * 8)  # 8-row blocks of 13 codes
     g = torch.Generator().manual_seed(5)
     x = torch.randn(21, 6, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randn(13, 6, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.rand(21, 13, generator=g, dtype=torch.float64)
     t[3] = 0.0  # a row with no target mass
-    assert torch.autograd.gradcheck(lambda x, y: cbf.soft_ce_rows(x, y, t, 2.5)[0], (x, y))
-    loss = cbf.soft_ce_rows(x, y, t, 2.5)[0].mean()
+    assert torch.autograd.gradcheck(lambda x, y: cbf.soft_ce_rows(x, y, t, 2.5, kernel)[0], (x, y))
+    loss = cbf.soft_ce_rows(x, y, t, 2.5, kernel)[0].mean()
     ref = swapped_prediction_reference(x, t, y, 1 / 2.5, normalize_features=False, normalize_codes=False)
     assert torch.allclose(loss, ref, rtol=1e-12)
-    torch.library.opcheck(cbf.soft_ce_rows, (x.detach().requires_grad_(), y.detach().requires_grad_(), t, 2.5))
+    torch.library.opcheck(cbf.soft_ce_rows, (x.detach().requires_grad_(), y.detach().requires_grad_(), t, 2.5, kernel))
 
 
 def _clusters(seed, steps=300, backend="auto"):

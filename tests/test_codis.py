@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcontrast as fc
-from conftest import backend_param, kernel_device
+from _ops import backend_params
+from conftest import kernel_device
 from fastcontrast.validate import rel_err
 
 BACKENDS = ["reference", "dense", "cpu", "triton"]
@@ -84,7 +85,7 @@ def _rand(g, *shape):
 
 
 # ------------------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("backend", [backend_param("sinkhorn", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("sinkhorn", kernel_device(), BACKENDS))
 @pytest.mark.parametrize("n,k", [(24, 7), (5, 16)])
 def test_sinkhorn_equals_swav(backend, n, k):
     out = F.normalize(_rand(torch.Generator().manual_seed(n), n, k), dim=1)
@@ -93,7 +94,7 @@ def test_sinkhorn_equals_swav(backend, n, k):
     assert rel_err(got, swav_sinkhorn(out.clone())) <= max(tol, 1e-6)
 
 
-@pytest.mark.parametrize("backend", [backend_param("swapped_prediction", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("swapped_prediction", kernel_device(), BACKENDS))
 @pytest.mark.parametrize("with_queue", [False, True])
 def test_swapped_prediction_with_queue_equals_swav(backend, with_queue):
     g = torch.Generator().manual_seed(3)
@@ -117,7 +118,7 @@ def test_swapped_prediction_with_queue_equals_swav(backend, with_queue):
     assert rel_err(summed, 2 * got) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", [backend_param("momentum_contrastive", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("momentum_contrastive", kernel_device(), BACKENDS))
 @pytest.mark.parametrize("alpha,qlen", [(0.4, 0), (0.4, 37), (0.0, 37), (1.0, 5)])
 def test_momentum_contrastive_equals_albef(backend, alpha, qlen):
     g = torch.Generator().manual_seed(7)

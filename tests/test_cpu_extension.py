@@ -8,9 +8,9 @@ import torch
 
 import fastcontrast as fc
 from fastcontrast import _ext
-from fastcontrast._memtrack import PeakMemory
-from fastcontrast.ops import _tiles
-from fastcontrast.ops.infonce import function as fn
+from fastcontrast.tools.memtrack import PeakMemory
+from fastcontrast.primitives import tiles as _tiles
+from fastcontrast.primitives import lse_pair as fn
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"C++ extension not built: {_ext.IMPORT_ERROR}")
 
@@ -23,7 +23,7 @@ def test_gradcheck_through_extension(normalize, tokens, monkeypatch):
     a = (torch.rand(23, dtype=torch.float64) + 0.5).requires_grad_()
     c = (torch.rand(17, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: fn.lse_pair(*t, normalize, tokens, "cpu"), (x, y, a, c, b))
+    assert torch.autograd.gradcheck(lambda *t: fn.lse_pair(*t, normalize, tokens, "cpu", "cpu"), (x, y, a, c, b))
 
 
 def test_public_loss_gradcheck_cpu_backend():
@@ -34,7 +34,7 @@ def test_public_loss_gradcheck_cpu_backend():
 
 
 def test_auto_picks_cpu_kernels_for_cpu_tensors():
-    name, _ = fc.dispatch.resolve("infonce", "auto", torch.device("cpu"))
+    name = fc.dispatch.resolve("infonce", "auto", torch.device("cpu")).backend
     assert name == "cpu"
 
 

@@ -16,6 +16,8 @@ import types
 import pytest
 import torch
 
+from _ops import dispatch_of, uncovered
+from fastcontrast import oplist
 import fastcontrast.functional as Fn
 from conftest import HAS_CUDA, INTERPRET, kernel_device
 from fastcontrast.dispatch import unavailable_reason
@@ -127,16 +129,20 @@ def _distill(g):
     return loss, dict(x=_r(g, N, D), y=_r(g, N, D), s=torch.tensor(2.0, dtype=torch.float64))
 
 
-CASES = {
-    "clip_loss(labels,normalize,bias)": ("infonce", _clip), "oblique_clip_loss": ("infonce", _oblique),
-    "adaptive_temperature_clip_loss": ("infonce", _adaptive), "clip_loss(ids)": ("infonce", _clip_ids),
-    "ce_rows": ("ce_rows", _ce_rows), "siglip_loss": ("siglip", _siglip),
-    "max_margin_loss(labels)": ("max_margin", _margin("labels")),
-    "max_margin_loss(diagonal)": ("max_margin", _margin("diagonal")),
-    "max_margin_loss(hardest)": ("max_margin", _margin("hardest")),
-    "codebook_loss": ("swapped_prediction", _codebook), "momentum_contrastive_loss": ("momentum_contrastive", _momentum),
-    "distill_clip_loss": ("distill", _distill),
+_BUILDERS = {
+    "clip_loss(labels,normalize,bias)": _clip, "oblique_clip_loss": _oblique, "adaptive_temperature_clip_loss": _adaptive,
+    "clip_loss(ids)": _clip_ids, "ce_rows": _ce_rows, "siglip_loss": _siglip,
+    "max_margin_loss(labels)": _margin("labels"), "max_margin_loss(diagonal)": _margin("diagonal"),
+    "max_margin_loss(hardest)": _margin("hardest"), "codebook_loss": _codebook,
+    "momentum_contrastive_loss": _momentum, "distill_clip_loss": _distill,
 }
+# name -> (the dispatcher op, from the one op list; the builder of its inputs)
+CASES = {name: (dispatch_of(name if name in oplist.OP else name.split("(")[0]), make)
+         for name, make in _BUILDERS.items()}
+
+
+def test_every_public_loss_of_the_op_list_is_covered():
+    assert not uncovered(CASES), uncovered(CASES)
 
 
 def _run(loss, inputs, backend, dtype, device):
@@ -173,8 +179,9 @@ def test_triton_deterministic_bitwise_no_atomics(name, atomics, deterministic):
 def test_cuda_extension_backward_switches_to_deterministic_tiles(monkeypatch, deterministic):
     """Where backend 'cuda' would run its atomicAdd backward, deterministic mode takes the PyTorch tiles instead
     (exercised on CPU tensors with the CUDA kernel replaced by a sentinel); the gradients are the reference's."""
-    from fastcontrast.ops.infonce import function as F
-    from fastcontrast.ops.infonce.reference import lse_pair_reference
+    from fastcontrast import dispatch
+    from fastcontrast.losses.clip_loss_reference import lse_pair_reference
+    from fastcontrast.primitives import lse_pair as F
 
     launched = []
 
@@ -182,7 +189,6 @@ def test_cuda_extension_backward_switches_to_deterministic_tiles(monkeypatch, de
         launched.append(1)
         raise RuntimeError("sentinel: the CUDA kernel with atomics ran")
 
-    monkeypatch.setattr(F, "_choose", lambda impl, x: "cuda")
     monkeypatch.setattr(F, "_ext", types.SimpleNamespace(_C=types.SimpleNamespace(lse_pair_cuda_backward=cuda_kernel)))
     g = torch.Generator().manual_seed(1)
     x, y = _r(g, 9, 6).float().requires_grad_(), _r(g, 11, 6).float().requires_grad_()
@@ -191,17 +197,19 @@ def test_cuda_extension_backward_switches_to_deterministic_tiles(monkeypatch, de
     g_r, g_c = torch.rand(9, generator=g), torch.rand(11, generator=g)
     lr, lc = lse_pair_reference(x, y, a, c, b)
     want = torch.autograd.grad((lr * g_r).sum() + (lc * g_c).sum(), (x, y, a, c))
-    args = (g_r, g_c, x.detach(), y.detach(), a.detach(), c.detach(), b, lr.detach(), lc.detach(), False, 1, "cuda")
+    args = (g_r, g_c, x.detach(), y.detach(), a.detach(), c.detach(), b, lr.detach(), lc.detach(), False, 1)
     deterministic(True)
-    assert F._backward_choice("cuda", x) == "torch"
-    got = F._lse_pair_backward_impl(*args)
+    impl = dispatch._impl("infonce", "cuda", torch.float32)  # the dispatcher's one decision, read at resolve
+    assert (impl.kernel, impl.backward_kernel) == ("cuda", "tiles")
+    got = F._backward(*args, impl.backward_kernel)
     assert launched == []
     for gg, w in zip(got, want):
         torch.testing.assert_close(gg, w, rtol=1e-5, atol=1e-6)
     deterministic(False)
-    assert F._backward_choice("cuda", x) == "cuda"
+    impl = dispatch._impl("infonce", "cuda", torch.float32)
+    assert (impl.kernel, impl.backward_kernel) == ("cuda", "cuda")
     with pytest.raises(RuntimeError, match="sentinel"):
-        F._lse_pair_backward_impl(*args)
+        F._backward(*args, impl.backward_kernel)
     assert launched == [1]
 
 

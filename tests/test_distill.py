@@ -11,15 +11,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcontrast as fc
-from conftest import backend_param
-from fastcontrast._memtrack import PeakMemory
-from fastcontrast.ops import _tiles
-from fastcontrast.ops.infonce import distill as dmod
-from fastcontrast.ops.infonce import function as fn
+from _ops import backend_params
+from conftest import kernel_device
+from fastcontrast.tools.memtrack import PeakMemory
+from fastcontrast.primitives import tiles as _tiles
+from fastcontrast.losses import distill_clip_loss as dmod
+from fastcontrast.primitives import weighted_keys as WK
+from fastcontrast.primitives import lse_pair as fn
 from test_open_clip_parity import oc  # open_clip's loss.py loaded from the installed package, or None
 
 needs_oc = pytest.mark.skipif(oc is None, reason="open_clip is not installed")
-BACKENDS = [backend_param("distill", b) for b in ("triton", "cpu", "cuda", "dense", "reference")]
+BACKENDS = backend_params("distill", kernel_device(), ("triton", "cpu", "cuda", "dense", "reference"))
 
 
 def _inputs(n, d, dt, dtype, seed):
@@ -75,9 +77,9 @@ def test_teacher_weighted_keys_gradcheck(monkeypatch):
     tq, tk = torch.randn(19, 4, generator=g, dtype=torch.float64), torch.randn(23, 4, generator=g, dtype=torch.float64)
     vals = torch.randn(23, 6, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(1.3, dtype=torch.float64)
-    v, _ = dmod.teacher_weighted_keys(tq, tk, t, vals)
+    v, _ = WK.teacher_weighted_keys(tq, tk, t, vals)
     assert torch.allclose(v, torch.softmax(t * tq @ tk.T, dim=1) @ vals)
-    assert torch.autograd.gradcheck(lambda w: dmod.teacher_weighted_keys(tq, tk, t, w)[0], (vals,))
+    assert torch.autograd.gradcheck(lambda w: WK.teacher_weighted_keys(tq, tk, t, w)[0], (vals,))
 
 
 def test_bad_inputs_name_the_argument():
@@ -105,10 +107,9 @@ def _distill_step(loss_fn, n, d=32):
 
 def test_fused_extra_memory_is_linear_in_n(monkeypatch):
     monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 64)
-    monkeypatch.setattr(fn, "_triton_ok", lambda t: False)  # the blockwise PyTorch tiles behind every fused op
 
     def fused(x, y, s, tx, ty):
-        return dmod.distill_fused(x, y, s, tx, ty, torch.tensor(4.0), 0, x, y, tx, ty, impl="torch")
+        return dmod.distill_fused(x, y, s, tx, ty, torch.tensor(4.0), 0, x, y, tx, ty, fn.bound("tiles", "tiles"))
 
     def ref(x, y, s, tx, ty):
         return fc.distill_clip_loss(x, y, s, tx, ty, 4.0, backend="reference")

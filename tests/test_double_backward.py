@@ -10,7 +10,9 @@ from torch.autograd import gradgradcheck
 
 import fastcontrast.functional as Fn
 from conftest import HAS_CUDA, kernel_device
-from fastcontrast.dispatch import BACKENDS, unavailable_reason
+from _ops import dispatch_of, existing_backends, uncovered
+from fastcontrast import oplist
+from fastcontrast.dispatch import unavailable_reason
 
 N, M, D = 4, 5, 4  # tiny: gradgradcheck perturbs every input element
 EXACT = ("reference", "dense", "auto")  # "auto" takes dense/reference at these sizes (below the crossover)
@@ -137,17 +139,21 @@ def _distill(g, dt, dev):
     return loss, (x, y, torch.tensor(1.5, dtype=dt, device=dev))
 
 
-CASES = {
-    "clip_loss": ("infonce", _clip), "clip_loss(labels,bias,normalize)": ("infonce", _clip_labels),
-    "clip_loss(ids)": ("infonce", _clip_ids), "oblique_clip_loss": ("infonce", _oblique),
-    "adaptive_temperature_clip_loss": ("infonce", _adaptive), "siglip_loss": ("siglip", _siglip),
-    "siglip_loss(labels)": ("siglip", _siglip_labels), "siglip_loss(negative_only)": ("siglip", _siglip_negative_only),
-    "siglip_loss(ids,inverse_count)": ("siglip", _siglip_plus), "ce_rows": ("ce_rows", _ce_rows),
-    "max_margin_loss(per-pair margin)": ("max_margin", _margin),
-    "max_margin_loss(labels,sum)": ("max_margin", _margin_labels),
-    "max_margin_loss(hardest)": ("max_margin", _margin_hardest), "codebook_loss": ("swapped_prediction", _codebook),
-    "momentum_contrastive_loss": ("momentum_contrastive", _momentum), "distill_clip_loss": ("distill", _distill),
+_BUILDERS = {
+    "clip_loss": _clip, "clip_loss(labels,bias,normalize)": _clip_labels, "clip_loss(ids)": _clip_ids,
+    "oblique_clip_loss": _oblique, "adaptive_temperature_clip_loss": _adaptive, "siglip_loss": _siglip,
+    "siglip_loss(labels)": _siglip_labels, "siglip_loss(negative_only)": _siglip_negative_only,
+    "siglip_loss(ids,inverse_count)": _siglip_plus, "ce_rows": _ce_rows, "max_margin_loss(per-pair margin)": _margin,
+    "max_margin_loss(labels,sum)": _margin_labels, "max_margin_loss(hardest)": _margin_hardest,
+    "codebook_loss": _codebook, "momentum_contrastive_loss": _momentum, "distill_clip_loss": _distill,
 }
+# name -> (the dispatcher op, from the one op list; the builder of its inputs)
+CASES = {name: (dispatch_of(name.split("(")[0] if name not in oplist.OP else name), make)
+         for name, make in _BUILDERS.items()}
+
+
+def test_every_public_loss_of_the_op_list_is_covered():
+    assert not uncovered(CASES), uncovered(CASES)
 
 
 def _device(backend):
@@ -156,9 +162,10 @@ def _device(backend):
     return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
-def case_params(backends_of=lambda op: BACKENDS + (("auto",) if op == "infonce" else ())):
-    """(case, backend) parameters, each skipped with its reason where the backend cannot run the op here; by
-    default every backend, and "auto" (= dense at these sizes; see also below) for the InfoNCE family."""
+def case_params(backends_of=lambda op: existing_backends(op) + (("auto",) if op == "infonce" else ())):
+    """(case, backend) parameters, each skipped with its reason where the backend exists but cannot run the op
+    here; by default every backend the op has, and "auto" (= dense at these sizes; see also below) for the
+    InfoNCE family."""
     out = []
     for name, (op, _) in CASES.items():
         for be in backends_of(op):
@@ -210,7 +217,7 @@ def test_auto_below_the_crossover_is_exact():
 
 
 def _count_reference_calls(monkeypatch):
-    from fastcontrast.ops.infonce import reference
+    from fastcontrast.losses import clip_loss_reference as reference
 
     calls = []
     orig = reference.infonce_reference
@@ -266,7 +273,7 @@ def test_dense_backward_under_torch_compile_does_not_recompute(monkeypatch):
 def test_teacher_weighted_keys_double_backward_is_exact():
     """The distillation's V = softmax(t·T_q T_kᵀ)·values op: its backward is linear in the upstream gradient, so
     it has an exact derivative of its own (the op again) instead of an error."""
-    from fastcontrast.ops.infonce.distill import teacher_weighted_keys
+    from fastcontrast.primitives.weighted_keys import teacher_weighted_keys
 
     g = torch.Generator().manual_seed(4)
     tq, tk = _r(g, 4, 3, dtype=torch.float64, device="cpu"), _r(g, 5, 3, dtype=torch.float64, device="cpu")
@@ -278,12 +285,12 @@ def test_teacher_weighted_keys_double_backward_is_exact():
 
 def test_fused_backward_ops_guard_direct_callers():
     """torch.ops.fastcontrast.lse_pair_backward called directly (its autograd raises, it is not differentiable)."""
-    from fastcontrast.ops.infonce.function import lse_pair, lse_pair_backward
+    from fastcontrast.primitives.lse_pair import lse_pair, lse_pair_backward
 
     g = torch.Generator().manual_seed(5)
     x, y = (_r(g, 4, 3, dtype=torch.float32, device="cpu").requires_grad_() for _ in range(2))
     a, c, b = torch.full((4,), 2.0), torch.full((4,), 2.0), torch.zeros(())
-    lr, lc = lse_pair(x.detach(), y.detach(), a, c, b, False, 1, "cpu")
+    lr, lc = lse_pair(x.detach(), y.detach(), a, c, b, False, 1, "cpu", "cpu")
     dx, _, _, _ = lse_pair_backward(torch.ones(4), torch.ones(4), x, y, a, c, b, lr, lc, False, 1, "cpu")
     with pytest.raises(RuntimeError, match="fastcontrast: double backward is not supported by backend 'cpu'"):
         dx.sum().backward()

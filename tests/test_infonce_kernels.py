@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import fastcontrast as fc
+from _ops import backend_params
 from fastcontrast.validate import default_cases
 
-from conftest import assert_matches_reference, backend_param, kernel_device
+from conftest import assert_matches_reference, kernel_device
 
 FAST = ["triton", "cuda", "cpu", "dense"]
 CASES = {c.name: c for c in default_cases() if c.op == "infonce"}
@@ -15,20 +16,20 @@ SHAPES = [(37, 53, 40), (16, 16, 64), (5, 70, 24), (65, 33, 96)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-@pytest.mark.parametrize("backend", [backend_param("infonce", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("infonce", kernel_device(), FAST))
 def test_family_matches_reference(backend, case, dtype):
     assert_matches_reference(CASES[case], backend, dtype, kernel_device(), seeds=(0, 1, 2))
 
 
 @pytest.mark.parametrize("n,m,d", SHAPES, ids=str)
-@pytest.mark.parametrize("backend", [backend_param("infonce", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("infonce", kernel_device(), FAST))
 def test_ragged_shapes(backend, n, m, d):
     for case in default_cases(n=n, m=m, d=d, k=3 if d % 3 == 0 else 2):
         if case.op == "infonce":
             assert_matches_reference(case, backend, torch.float32, kernel_device(), seeds=(3,))
 
 
-@pytest.mark.parametrize("backend", [backend_param("infonce", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("infonce", kernel_device(), FAST))
 def test_large_logit_scale_bf16_no_overflow(backend):
     """logit scale 100 with bf16 inputs, normalised and raw (logits in the thousands): finite, matching."""
     dev = kernel_device()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
+from _ops import backend_params
 from fastcontrast.validate import Case, default_cases, rel_err
 
 from conftest import assert_matches_reference, backend_param, kernel_device
@@ -13,7 +14,7 @@ CASES = {c.name: c for c in default_cases() if c.op == "max_margin"}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("max_margin", kernel_device(), FAST))
 def test_margin_matches_reference(backend, case, dtype):
     assert_matches_reference(CASES[case], backend, dtype, kernel_device(), seeds=(0, 1, 2))
 
@@ -21,7 +22,7 @@ def test_margin_matches_reference(backend, case, dtype):
 @pytest.mark.parametrize("n,m,d", [(16, 16, 64), (65, 33, 96), (3, 40, 20)], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("hardest", [False, True])
-@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("max_margin", kernel_device(), FAST))
 def test_margin_shapes_and_options(backend, n, m, d, normalize, hardest):
     def make(g, dev, dt):
         return {"image_features": torch.randn(n, d, generator=g).to(dev, dt),
@@ -46,7 +47,7 @@ def test_margin_zero_when_all_separated():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("per_pair", [False, True])
-@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("max_margin", kernel_device(), FAST))
 def test_diagonal_one_sweep_path_matches_reference(backend, dtype, reduction, per_pair):
     """N = M without labels takes the one-sweep kernel pair (both directions at once); ragged N."""
     def make(g, dev, dt):
@@ -77,7 +78,7 @@ def _margin_run(backend, dtype, n, m, d, hardest, labelled, seed=0):
 def test_fused_hinges_ragged_every_gradient(backend, kind, dtype):
     """The 3-unit diagonal and the 1-unit hardest paths, D = 70, N ≠ M where labelled: loss and the gradients of
     both features (through the offsets o_i = m_i − S_ii too) with a per-pair margin vs float64."""
-    from fastcontrast.ops.adaptive.reference import max_margin_loss_reference as ref_fn
+    from fastcontrast.losses.max_margin_loss import max_margin_loss_reference as ref_fn
 
     n, m = (37, 53) if kind == "hardest_labelled" else (45, 45)
     out, (x, y, marg, labels) = _margin_run(backend, dtype, n, m, 70, kind != "diagonal", kind == "hardest_labelled")

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast.ops import _tiles
-from fastcontrast.ops.infonce import function as fn
+from fastcontrast.primitives import tiles as _tiles
+from fastcontrast.dispatch import kernel_impl
+from fastcontrast.primitives import lse_pair as fn
 
-from fastcontrast._memtrack import PeakMemory
+from fastcontrast.tools.memtrack import PeakMemory
 
 
 def _step(loss_fn, n, d=32):
@@ -23,7 +24,7 @@ def _step(loss_fn, n, d=32):
 def _fused_torch_tiles(x, y, s):
     # the blockwise PyTorch tiling behind the custom op (what runs where Triton cannot)
     n = x.shape[0]
-    return fn.infonce_fused(x, y, s.expand(n), s.expand(n), None, torch.arange(n), True, 1, "torch")
+    return kernel_impl("infonce", "tiles")(x, y, s.expand(n), s.expand(n), None, torch.arange(n), True, 1)
 
 
 def _reference(x, y, s):
@@ -34,13 +35,11 @@ def _reference(x, y, s):
 def small_blocks(monkeypatch):
     # 64 rows per block at these sizes, so the tiling (not a single block) is what gets measured
     monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 64)
-    monkeypatch.setattr(fn, "_triton_ok", lambda t: False)
 
 
 def test_tracker_sees_inside_the_custom_op(monkeypatch):
     """With one block of all rows the tiled path does build N×N: the tracker must see it (so it can fail)."""
     monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 10**9)
-    monkeypatch.setattr(fn, "_triton_ok", lambda t: False)
     assert _step(_fused_torch_tiles, 512).largest >= 512 * 512 * 4
 
 
@@ -65,7 +64,7 @@ def test_blockwise_custom_op_gradcheck(small_blocks):
     c = (torch.rand(67, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     for normalize, tokens in ((False, 1), (True, 2)):
-        assert torch.autograd.gradcheck(lambda *t: fn.lse_pair(*t, normalize, tokens, "torch"), (x, y, a, c, b))
+        assert torch.autograd.gradcheck(lambda *t: fn.lse_pair(*t, normalize, tokens, "tiles", "tiles"), (x, y, a, c, b))
 
 
 def test_torch_compile_fullgraph_training_step():
@@ -100,5 +99,5 @@ def test_custom_op_is_registered_with_fake_impl():
     with FakeTensorMode():
         x, y = torch.empty(10, 8), torch.empty(7, 8)
         a, c, b = torch.empty(10), torch.empty(7), torch.empty(())
-        r, col = torch.ops.fastcontrast.lse_pair(x, y, a, c, b, False, 1)
+        r, col = torch.ops.fastcontrast.lse_pair(x, y, a, c, b, False, 1, "tiles", "tiles")
     assert r.shape == (10,) and col.shape == (7,)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcontrast as fc
-from conftest import backend_param, kernel_device
+from _ops import backend_params
+from conftest import kernel_device
 from fastcontrast.clusters import ClusterIndex, from_labels, kmeans
 from fastcontrast.validate import rel_err
 
@@ -125,20 +126,20 @@ def _module_equals_official(module_cls, official_loss, backend, n, d, seed, scal
     assert rel_err(module(*leaves, step=step, cluster_sizes=sizes.to(dev)), want) <= max(tol, 1e-6)
 
 
-@pytest.mark.parametrize("backend", [backend_param("infonce", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("infonce", kernel_device(), BACKENDS))
 @pytest.mark.parametrize("n,d,seed", [(7, 12, 0), (33, 40, 1), (64, 8, 2)])
 def test_mmts_clip_loss_equals_official(backend, n, d, seed):
     _module_equals_official(fc.MMTSClipLoss, official_mmts_clip, backend, n, d, seed)
 
 
-@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("max_margin", kernel_device(), BACKENDS))
 @pytest.mark.parametrize("n,d,seed", [(7, 12, 0), (33, 40, 1)])
 def test_mmts_max_margin_equals_official(backend, n, d, seed):
     # unnormalised inputs: the official loss normalises (fix_norm)
     _module_equals_official(fc.MMTSMaxMarginLoss, official_max_margin, backend, n, d, seed, 3.0, 0.5)
 
 
-@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("max_margin", kernel_device(), BACKENDS))
 def test_baseline_max_margin_equals_official_and_sum_is_2n_minus_2_times(backend):
     img, txt, _ = _setup(16, 24, 3, torch.float64)
     dt = _dtype(backend)
@@ -151,7 +152,7 @@ def test_baseline_max_margin_equals_official_and_sum_is_2n_minus_2_times(backend
     assert rel_err(summed, 2 * (16 - 1) * want) <= _tol(dt)
 
 
-@pytest.mark.parametrize("backend", [backend_param("max_margin", b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params("max_margin", kernel_device(), BACKENDS))
 def test_per_sample_margin_with_labels_matches_reference(backend):
     """Rectangular batches with labels (several images share a text): fused mean reduction = reference."""
     g = torch.Generator().manual_seed(5)

@@ -13,13 +13,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcontrast as fc
-from conftest import backend_param
-from fastcontrast._memtrack import HostSyncs, PeakMemory
-from fastcontrast.ops import _tiles
-from fastcontrast.ops import multipos as MP
-from fastcontrast.ops.infonce import function as fn
+from _ops import backend_params
+from conftest import kernel_device
+from fastcontrast.tools.memtrack import HostSyncs, PeakMemory
+from fastcontrast.primitives import tiles as _tiles
+from fastcontrast.losses.clip_loss_reference import infonce_ids_reference
+from fastcontrast.primitives import groups as MP
+from fastcontrast.dispatch import kernel_impl
 
-BACKENDS = [backend_param("infonce", b) for b in ("triton", "cpu", "cuda", "dense", "reference")]
+BACKENDS = backend_params("infonce", kernel_device(), ("triton", "cpu", "cuda", "dense", "reference"))
 
 
 def naive(x, y, a, c, b, image_ids, text_ids, normalize=True, tokens=1):
@@ -151,19 +153,18 @@ def _step(n, fused=True):
     x, y, iid, tid = _case(n, n, 32, n // 2, n, torch.float32)
     x.requires_grad_(), y.requires_grad_()
     with PeakMemory() as pm:
-        if fused:  # the tiles behind every fused backend (Triton made unavailable: PyTorch blocks)
-            loss = MP.infonce_ids("triton", x, y, torch.tensor(5.0).expand(n), torch.tensor(5.0).expand(n), None,
-                                  iid, tid, True, 1)
+        if fused:  # the tiles behind every fused backend (the PyTorch blocks of fastcontrast::lse_pair)
+            loss = kernel_impl("infonce_ids", "tiles")(x, y, torch.tensor(5.0).expand(n),
+                                                       torch.tensor(5.0).expand(n), None, iid, tid, True, 1)
         else:
-            loss = MP.infonce_ids_reference(x, y, torch.tensor(5.0).expand(n), torch.tensor(5.0).expand(n), None,
-                                            iid, tid, True, 1)
+            loss = infonce_ids_reference(x, y, torch.tensor(5.0).expand(n), torch.tensor(5.0).expand(n), None,
+                                         iid, tid, True, 1)
         loss.backward()
     return pm
 
 
 def test_extra_memory_is_linear_in_n(monkeypatch):
     monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 64)
-    monkeypatch.setattr(fn, "_triton_ok", lambda t: False)
     sizes = (256, 1024, 2048)
     tiled = [_step(n).peak for n in sizes]
     ref = [_step(n, fused=False).peak for n in sizes]

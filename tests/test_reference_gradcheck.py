@@ -4,10 +4,11 @@ import torch
 from torch.autograd import gradcheck
 
 import fastcontrast as fc
-from fastcontrast.ops.adaptive.reference import adaptive_temperature_clip_loss_reference, max_margin_loss_reference
-from fastcontrast.ops.codebook.reference import codebook_loss_reference, swapped_prediction_reference
-from fastcontrast.ops.infonce.reference import clip_loss_reference, infonce_reference, lse_pair_reference
-from fastcontrast.ops.oblique.reference import oblique_clip_loss_reference
+from fastcontrast.losses.adaptive_temperature_clip_loss import adaptive_temperature_clip_loss_reference
+from fastcontrast.losses.max_margin_loss import max_margin_loss_reference
+from fastcontrast.losses.codebook_loss import codebook_loss_reference, swapped_prediction_reference
+from fastcontrast.losses.clip_loss_reference import clip_loss_reference, infonce_reference, lse_pair_reference
+from fastcontrast.losses.oblique_clip_loss import oblique_clip_loss_reference
 
 D = dict(dtype=torch.float64)
 

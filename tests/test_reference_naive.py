@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast.ops.oblique.reference import oblique_flat_reference
+from fastcontrast.losses.oblique_clip_loss import oblique_flat_reference
 
 D = dict(dtype=torch.float64)
 

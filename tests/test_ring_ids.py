@@ -74,7 +74,7 @@ def _error(fn):
 
 def _cases(rank, world):
     from fastcontrast import distributed as Dm
-    from fastcontrast._memtrack import PeakMemory
+    from fastcontrast.tools.memtrack import PeakMemory
     from test_siglip_ring import _Log
 
     out = {}

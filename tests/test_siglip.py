@@ -4,7 +4,8 @@ import torch
 from torch.autograd import gradcheck
 
 import fastcontrast as fc
-from fastcontrast.ops.siglip.reference import siglip_loss_reference
+from _ops import backend_params
+from fastcontrast.losses.siglip_loss import siglip_loss_reference
 from fastcontrast.validate import Case, default_cases, rel_err
 
 from conftest import assert_matches_reference, backend_param, kernel_device
@@ -15,13 +16,13 @@ CASE = next(c for c in default_cases() if c.name == "siglip_loss")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", [backend_param("siglip", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("siglip", kernel_device(), FAST))
 def test_siglip_matches_reference(backend, dtype):
     assert_matches_reference(CASE, backend, dtype, kernel_device(), seeds=(0, 1, 2))
 
 
 @pytest.mark.parametrize("negative_only", [False, True])
-@pytest.mark.parametrize("backend", [backend_param("siglip", b) for b in FAST])
+@pytest.mark.parametrize("backend", backend_params("siglip", kernel_device(), FAST))
 def test_siglip_negative_only_and_ragged(backend, negative_only):
     def make(g, dev, dt):
         return {"image_features": torch.randn(33, 70, generator=g).to(dev, dt),

@@ -14,12 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcontrast as fc
-from conftest import backend_param
-from fastcontrast._memtrack import HostSyncs, PeakMemory
-from fastcontrast.ops import _tiles
-from fastcontrast.ops import multipos as MP
+from _ops import backend_params
+from conftest import kernel_device
+from fastcontrast.tools.memtrack import HostSyncs, PeakMemory
+from fastcontrast.primitives import tiles as _tiles
+from fastcontrast.losses import siglip_loss as MP
 
-BACKENDS = [backend_param("siglip", b) for b in ("triton", "cpu", "cuda", "dense", "reference")]
+BACKENDS = backend_params("siglip", kernel_device(), ("triton", "cpu", "cuda", "dense", "reference"))
 TOL = {"triton": 2e-5}  # the Triton siglip op accumulates in float32 whatever the input
 
 
@@ -197,7 +198,7 @@ def test_torch_compile_fullgraph_and_autocast():
     x, y, iid, tid = _case(14, 10, 8, 5, 9)
     x, y = x.float(), y.float()
 
-    from fastcontrast.ops.siglip.reference import siglip_loss_reference
+    from fastcontrast.losses.siglip_loss import siglip_loss_reference
 
     def step(a, b, s):  # the positive terms composed on an all-pairs op (compiling that op is its own tests')
         return MP.siglip_ids(siglip_loss_reference, a, b, s, torch.tensor(-1.0), iid, tid, "inverse_count")

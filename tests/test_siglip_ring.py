@@ -60,18 +60,20 @@ def _grads(fn, x, y):
 
 
 class _Log:
-    """Records transfers started (``_launch``: P2P batches, broadcasts, reduces) and waited, and block computes,
-    to check their order: the overlap of each transfer with the compute that follows it."""
-
-    NAMES = ("_launch", "_lse_pair_impl", "_siglip_block", "_lse_backward_slabs")
+    """Records transfers started (``comm.launch``: P2P batches, broadcasts, reduces) and waited, and block computes
+    (the SigLIP block, the CLIP ring's per-block lse forward and backward), to check their order: the overlap of
+    each transfer with the compute that follows it."""
 
     def __init__(self, D):
-        self.events, self.D = [], D
-        self.saved = {n: getattr(D, n) for n in self.NAMES}
-        self.wait = D._Pending.wait
+        from fastcontrast.distributed import clip_ring, comm, siglip
+
+        self.events, self.modules = [], (clip_ring, comm, siglip)
+        self.saved = (comm.launch, siglip._siglip_block, clip_ring.resolve, comm.Pending.wait)
 
     def __enter__(self):
-        ev, wait = self.events, self.wait
+        clip_ring, comm, siglip = self.modules
+        launch, block, resolve, wait = self.saved
+        ev = self.events
 
         def logged(name, f):
             def g(*a, **k):
@@ -79,25 +81,37 @@ class _Log:
                 return f(*a, **k)
             return g
 
+        class Lse:  # the ring's resolved lse, its forward and backward logged as block computes
+            def __init__(self, lse):
+                self.lse = lse
+
+            def __call__(self, *a, **k):
+                ev.append("compute")
+                return self.lse(*a, **k)
+
+            def backward(self, *a, **k):
+                ev.append("compute")
+                return self.lse.backward(*a, **k)
+
         def w(pending):
             if pending.reqs:
                 ev.append("wait")
             return wait(pending)
 
-        for n, f in self.saved.items():
-            setattr(self.D, n, logged("post" if n == "_launch" else "compute", f))
-        self.D._Pending.wait = w
+        comm.launch = logged("post", launch)
+        siglip._siglip_block = logged("compute", block)
+        clip_ring.resolve = lambda *a, **k: (lambda impl: (lambda: Lse(impl())))(resolve(*a, **k))
+        comm.Pending.wait = w
         return self
 
     def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(self.D, n, f)
-        self.D._Pending.wait = self.wait
+        clip_ring, comm, siglip = self.modules
+        comm.launch, siglip._siglip_block, clip_ring.resolve, comm.Pending.wait = self.saved
 
 
 def _cases(rank, world, oc):
     from fastcontrast import distributed as Dm
-    from fastcontrast._memtrack import PeakMemory
+    from fastcontrast.tools.memtrack import PeakMemory
 
     out = {}
     x_all, y_all = _data(world)

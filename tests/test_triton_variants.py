@@ -1,12 +1,12 @@
-"""Every variant of the Triton launch table (ops/_configs.VARIANTS) against the float64 reference on the
+"""Every variant of the Triton launch table (primitives/configs.VARIANTS) against the float64 reference on the
 interpreter: the variant's code paths (flattened tile×K loop, column-split forward grid, grouped backward order)
 with the interpreter's small tiles on shapes that make the split and the grouping real, and the variant's own
 sm_90 tiles (128×128×64 and the rest) on a ragged shape; fp32, bf16 and fp16."""
 import pytest
 import torch
 
-from fastcontrast.ops import _configs
-from fastcontrast.ops.infonce import function as F
+from fastcontrast.primitives import configs as _configs
+from fastcontrast.primitives import lse_pair as F
 from fastcontrast.validate import default_cases
 
 from conftest import assert_matches_reference, backend_param, kernel_device

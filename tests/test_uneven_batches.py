@@ -97,7 +97,7 @@ def _run_case(case, rank):
             return call(x, y)
         return call(x_all[N:2 * N], y_all[N:2 * N])
     if name == "host_group":  # an NCCL job: the check runs on a gloo side group made once, not on NCCL
-        from fastcontrast import distributed as Dm
+        from fastcontrast.distributed import comm as Dm
 
         real = dist.get_backend
         Dm.dist.get_backend = lambda group=None: "nccl" if group is None else real(group)

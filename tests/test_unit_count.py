@@ -7,7 +7,7 @@ import torch
 
 import fastcontrast as fc
 from conftest import INTERPRET, backend_param
-from fastcontrast._memtrack import MatmulFlops
+from fastcontrast.tools.memtrack import MatmulFlops
 
 pytestmark = pytest.mark.skipif(not INTERPRET or torch.cuda.is_available(),
                                 reason="counts tl.dot inside the Triton interpreter (CPU-only runs)")

@@ -1,0 +1,223 @@
+"""CLIP's symmetric InfoNCE around a ring of ranks (``ClipLoss(mode="ring")``): text blocks travel with
+``isend``/``irecv``; each rank keeps its own O(N_local·d) features, the block in flight and O(N_local) log-sum-exp
+statistics. Nobody ever holds the global features or any global×global matrix. The column statistics of a block
+travel with it and reach its owner after a full turn; in backward the block's gradient accumulator travels the
+same way. Every transfer of a step is posted before the step's block compute and waited after it.
+
+Gradient convention (open_clip's ``gather_with_grad``): every rank returns the global loss, and its local features
+receive ``world_size × ∂loss/∂features``, so DDP's gradient averaging yields the gradient of the global loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _validation as V
+from ..dispatch import resolve
+from ..primitives import tiles as T
+from ..primitives.groups import group_sums
+from .comm import GATHER_ALTERNATIVE, all_ids, check_ranks_agree, empties, post, shift_ops, world_of
+
+_TAG_BLK, _TAG_STAT = 0, 8  # CLIP ring message kinds: a block's parts (up to 4), its statistics / gradient
+
+
+def _ring_pos(yb: Tensor, iid: Tensor, tb: Tensor, r: Tensor, cb: Tensor):
+    """The block's target terms T_row = Σ_{u_i = t_j} r_i⟨x_i, y_j⟩ = ⟨x, gx_row⟩ and T_col = Σ_{u_i = t_j}
+    c_j⟨x_i, y_j⟩ = ⟨x, gx_col⟩: returns (gx_row, gx_col) (N, D), gx_row_i = r_i Σ_{j∈P(i)} y_j,
+    gx_col_i = Σ_{j∈P(i)} c_j y_j, over the block's texts yb (M_b, D) with ids tb and weights cb (M_b,). Group
+    sums (primitives/groups.py): no N×M_b mask."""
+    y_sum, _ = group_sums(iid, tb, yb)
+    yc_sum, _ = group_sums(iid, tb, cb[:, None] * yb)
+    return r[:, None] * y_sum, yc_sum
+
+
+def _ring_pos_dy(x: Tensor, iid: Tensor, tb: Tensor, r: Tensor, cb: Tensor, wr: Tensor, wc: Tensor) -> Tensor:
+    """∂(wr·T_row + wc·T_col)/∂y_b (M_b, D) for the block's texts: Σ_{i: u_i = t_j} (wr·r_i + wc·c_j) x_i."""
+    xr_sum, _ = group_sums(tb, iid, r[:, None] * x)
+    x_sum, _ = group_sums(tb, iid, x)
+    return wr * xr_sum + (wc * cb)[:, None] * x_sum
+
+
+class _RingInfoNCE(torch.autograd.Function):
+    """The CLIP ring. Step k: rank r scores block r−k. The next block's transfer is posted before the block's
+    compute and waited after it; the block's column statistics (forward) and gradient accumulator (backward)
+    change with the compute, so they travel one step later, in the same posted batch as the next block.
+
+    With ids (``iid`` (N,), ``tid`` (M,), ``r`` = 1/k_i, ``c`` = 1/k'_j from the global counts, 0 where a row
+    has no positive) a block carries its text ids and c with it, so the targets t_ij = [u_i = t_j]·r_i (rows)
+    and ·c_j (columns) are local to the block: the target terms are per-block group sums (:func:`_ring_pos`),
+    rows and columns with no positive are masked out of the lse terms, and the backward coefficient of each
+    block is softmax − target (the lse slabs with the masked weights, and the group sums)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, iid, tid, r, c, lse, group):
+        rank, world = world_of(group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        n, m = x.shape[0], y.shape[0]
+        ids = iid is not None
+        acc = T.acc_dtype(x)
+        a, ac = scale.to(acc).expand(n).contiguous(), scale.to(acc).expand(m).contiguous()
+        b = bias.to(acc)
+        xa = x.to(acc) if ids else None
+        lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
+        gx_row = gx_col = None  # with ids: Σ over blocks of the target terms' x-gradients (N, D)
+        blk = [y.contiguous()] + ([tid.contiguous(), c.contiguous()] if ids else [])
+        col = None  # the accumulated column lse of the block held one step ago
+        for step in range(world):
+            ops, nblk, ncol = [], None, None
+            if step < world - 1:  # the next block, while this one is scored
+                nblk = empties(blk)
+                ops += shift_ops(blk, nblk, nxt, prv, _TAG_BLK)
+            if step > 0:  # the statistics of this block, accumulated by the ranks it visited before
+                ncol = torch.empty_like(col)
+                ops += shift_ops([col], [ncol], nxt, prv, _TAG_STAT)
+            pending = post(ops, group, x.device)
+            lr, lc = lse(x, blk[0], a, ac, b)
+            lse_r = torch.logaddexp(lse_r, lr.to(acc))
+            if ids:
+                gr, gc = _ring_pos(blk[0].to(acc), iid, blk[1], r, blk[2])
+                gx_row = gr if gx_row is None else gx_row + gr
+                gx_col = gc if gx_col is None else gx_col + gc
+            pending.wait()
+            col = lc.to(acc) if ncol is None else torch.logaddexp(ncol, lc.to(acc))
+            if nblk is not None:
+                blk = nblk
+        if world > 1:  # block r+1's statistics go home; block r's arrive after their full turn
+            lse_c = torch.empty_like(col)
+            post(shift_ops([col], [lse_c], nxt, prv, _TAG_STAT), group, x.device).wait()
+        else:
+            lse_c = col
+        n_global, m_global = n * world, m * world
+        ctx.group, ctx.n_global, ctx.m_global, ctx.ids, ctx.lse = group, n_global, m_global, ids, lse
+        if not ids:
+            pos = (x.to(acc) * y.to(acc)).sum(dim=1)
+            local = (lse_r - a * pos - b).sum() + (lse_c - a * pos - b).sum()
+            total = local.detach().clone()
+            dist.all_reduce(total, group=group)
+            ctx.save_for_backward(x, y, a, b, lse_r, lse_c, pos)
+            return total / (2 * n_global)
+        # rows (columns) with no positive anywhere add 0 and still count in the mean over N (M) rows
+        t_row, t_col = (xa * gx_row).sum(), (xa * gx_col).sum()
+        sums = torch.stack([torch.where(r > 0, lse_r - b, 0.0).sum() - a[0] * t_row,
+                            torch.where(c > 0, lse_c - b, 0.0).sum() - a[0] * t_col]).detach()
+        dist.all_reduce(sums, group=group)
+        ctx.save_for_backward(x, y, a, ac, b, lse_r, lse_c, iid, tid, r, c, gx_row, gx_col, t_row, t_col)
+        return 0.5 * (sums[0] / n_global + sums[1] / m_global)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        T.no_double_backward("ring_clip_loss (ClipLoss(mode='ring'))", "ring", GATHER_ALTERNATIVE)
+        if ctx.ids:
+            x, y, a, ac, b, lse_r, lse_c, iid, tid, r, c, gx_row, gx_col, t_row, t_col = ctx.saved_tensors
+        else:
+            x, y, a, b, lse_r, lse_c, pos = ctx.saved_tensors
+            ac = a
+        rank, world = world_of(ctx.group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        n = x.shape[0]
+        acc = a.dtype
+        # world× so that DDP's averaging of parameter gradients gives the global loss's gradient
+        wr = g.to(acc) * world / (2 * ctx.n_global)
+        wc = g.to(acc) * world / (2 * ctx.m_global)
+        w_row = (torch.where(r > 0, wr, 0.0) if ctx.ids else wr.expand(n)).contiguous()
+        xa = x.to(acc) if ctx.ids else None
+        dx = torch.zeros(n, x.shape[1], dtype=acc, device=x.device)
+        da_total = torch.zeros((), dtype=acc, device=x.device)
+        blk = [y.contiguous(), lse_c] + ([tid.contiguous(), c.contiguous()] if ctx.ids else [])
+        blk_dy = None
+        for step in range(world):
+            ops, nblk, ndy = [], None, None
+            if step < world - 1:
+                nblk = empties(blk)
+                ops += shift_ops(blk, nblk, nxt, prv, _TAG_BLK)
+            if step > 0:
+                ndy = torch.empty_like(blk_dy)
+                ops += shift_ops([blk_dy], [ndy], nxt, prv, _TAG_STAT)
+            pending = post(ops, ctx.group, x.device)
+            if ctx.ids:  # softmax − target: the masked lse slabs, and the block's target terms
+                w_col = torch.where(blk[3] > 0, wc, 0.0).contiguous()
+            else:
+                w_col = w_row
+            dxh, dyh, da, dc = ctx.lse.backward(w_row, w_col, x, blk[0], a, ac, b, lse_r, blk[1], acc_out=True)
+            dx += dxh
+            da_total = da_total + da.sum() + dc.sum()
+            dyh = dyh.to(acc)
+            if ctx.ids:
+                dyh = dyh - a[0] * _ring_pos_dy(xa, iid, blk[2], r, blk[3], wr, wc)
+            pending.wait()
+            blk_dy = dyh if ndy is None else ndy + dyh
+            if nblk is not None:
+                blk = nblk
+        if world > 1:
+            dy = torch.empty_like(blk_dy)
+            post(shift_ops([blk_dy], [dy], nxt, prv, _TAG_STAT), ctx.group, x.device).wait()
+        else:
+            dy = blk_dy
+        if ctx.ids:
+            dx = dx - a[0] * (wr * gx_row + wc * gx_col)
+            dscale = da_total - (wr * t_row + wc * t_col)
+        else:  # the positive terms −a·pos appear once in each direction
+            dx = dx - (2 * w_row * a)[:, None] * y.to(acc)
+            dy = dy - (2 * w_row * a)[:, None] * x.to(acc)
+            dscale = da_total - (2 * w_row * pos).sum()
+        # d/d bias: Σ P = Σ Q = 1 per row/column cancels the −b of each term (rows without a positive have none)
+        return (dx.to(x.dtype), dy.to(y.dtype), dscale.reshape(()), torch.zeros_like(b)) + (None,) * 6
+
+
+def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+                   normalize: bool = False, group=None, image_ids: Optional[Tensor] = None,
+                   text_ids: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """CLIP's symmetric InfoNCE over the whole distributed batch, computed around a ring of ranks.
+
+    image_features, text_features: this rank's (N_local, D) pairs (equal N_local on every rank). Returns the
+    global loss on every rank. Memory per rank: O(N_local·D) plus one block in flight; never the global batch.
+
+    ``image_ids`` (N_local,), ``text_ids`` (M_local,) (then M_local may differ from N_local): multiple positives
+    as :func:`fastcontrast.clip_loss` with ids (UniCL), ½[mean_i ℓ_i + mean_j ℓ'_j] over the global batch, row
+    i's target uniform over every rank's texts with its id. The global counts k_i, k'_j come from one all-gather
+    of the ids (N·W ints); each text block carries its ids and 1/k'_j around the ring.
+
+    ``backend``: what scores each block, forward and backward (the dispatcher's op ``lse_pair``): the fused
+    ``fastcontrast::lse_pair`` on triton/cpu/cuda, the materialised block with autograd's gradient on
+    dense/reference; "auto" decides by the local block size N·M.
+    """
+    V.check_features("image_features", image_features, 2)
+    V.check_features("text_features", text_features, 2)
+    V.check_pair("image_features", image_features, "text_features", text_features)
+    x, y = image_features, text_features
+    n, m = x.shape[0], y.shape[0]
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, x)
+    bias = torch.zeros((), device=x.device) if logit_bias is None else \
+        V.as_scalar_tensor("logit_bias", logit_bias, x, positive=False)
+    # every rank, every call, before any error only some ranks could raise: a ring fed uneven blocks, or blocks
+    # with ids on some ranks only, would hang
+    check_ranks_agree((n, m, x.shape[1]), (image_ids is not None, text_ids is not None), group,
+                       options="image_ids/text_ids given")
+    iid, tid = V.check_ids(image_ids, text_ids, n, m, x)
+    if iid is None and n != m:
+        raise ValueError(f"image_features has batch {n} but text_features has batch {m}; the ring pairs image i "
+                         "with text i (pass image_ids/text_ids for other pairings)")
+    V.check_finite(image_features=x, text_features=y)
+    r = c = None
+    if iid is not None:  # k_i: every rank's texts with image i's id; k'_j: every rank's images with text j's
+        with torch.no_grad():
+            acc = T.acc_dtype(x)
+
+            def inverse_counts(mine: Tensor, theirs: Tensor) -> Tensor:  # 1/k (0 where k = 0) from sorted ids
+                srt = torch.sort(all_ids(theirs, group)).values
+                k = (torch.searchsorted(srt, mine, right=True) - torch.searchsorted(srt, mine)).to(acc)
+                return torch.where(k > 0, 1.0 / k.clamp_min(1), 0.0)
+
+            r, c = inverse_counts(iid, tid), inverse_counts(tid, iid)
+    if normalize:  # in the accumulation dtype: fp32 for half inputs, float64 stays float64
+        acc = T.acc_dtype(x)
+        x, y = F.normalize(x.to(acc), dim=-1).to(x.dtype), F.normalize(y.to(acc), dim=-1).to(y.dtype)
+    # the bias cancels in every softmax (as functional._infonce): computed without it, so a |b| ≫ |s·S| costs no
+    # digits; 0·b keeps its exactly-zero gradient and its NaN
+    lse = resolve("lse_pair", backend, x.device, n * m, x.dtype)()
+    loss = _RingInfoNCE.apply(x, y, scale, torch.zeros((), device=x.device), iid, tid, r, c, lse, group)
+    return V.plus_zero_bias(loss, None if logit_bias is None else bias)
