@@ -1,5 +1,8 @@
 """fastcontrast: fused contrastive vision-language losses (CLIP InfoNCE, oblique multi-token, MM-TS
 per-sample temperature and margin, CODIS codebook) with a pure-PyTorch reference behind every kernel."""
+from ._compat import VersionWarning, check_versions as _check_versions
+
+_check_versions()  # before anything defines a custom op: a clear error or warning, not a crash inside one
 from ._validation import debug, debug_enabled, set_debug
 from .dispatch import BACKENDS, BackendUnavailableError, available_backends
 from .gradcache import GradCache

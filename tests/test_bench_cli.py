@@ -12,7 +12,7 @@ def test_bench_reports_and_writes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fwd+bwd ms (min/med/max)" in r.stdout
     assert "| siglip | 32 |" in r.stdout and "| mmts_margin | 16 |" in r.stdout
-    assert "Implementations:" in r.stdout and "- reference (eager): " in r.stdout
+    assert "Implementations:" in r.stdout and "- reference fp32 (eager): " in r.stdout and "Timing: fwd" in r.stdout
     assert f"wrote {out}/bench.csv" in r.stdout
     assert "] 1/" in r.stderr and "done" in r.stderr  # the progress bar, one line per row in a log
     for name in ("bench.csv", "bench.md"):
