@@ -53,10 +53,12 @@ def step_compiles(launches: List[dict], steps, arch: str = DEVICE_ARCH) -> Dict[
 
 
 def check_estimates(launches: List[dict], script: str) -> int:
-    """Compare the per-step estimates written in ``script`` (lines "# estimate STEP: N Triton compiles x a-b s +
-    W s [+ G Inductor graphs x c-d s] = LO-HI s (limit L s)" and the variables T_STEP=L) with the compile counts
-    of the launches: the counts must match, the sums add up, each limit must exceed its estimate's upper end by
-    20 %, and the default steps' upper ends must add up to at most 240 s."""
+    """Check the per-step estimates written in ``script`` (lines "# estimate STEP: N Triton compiles x a-b s +
+    W s [+ G Inductor graphs x c-d s] = LO-HI s (limit L s)" and the variables T_STEP=L) against the compile
+    counts of the launches. Fails (1) when a line's sums do not add up, a limit is not the T_STEP the script
+    uses, or, with the counts recomputed, a limit has less than 20 % over its estimate's upper end or the default
+    steps' upper ends (with the start) exceed 240 s; a count that changed but still fits is printed as stale
+    (update the line), not a failure, so a new test or case does not stop CI while the budget holds."""
     text = open(script).read()
     m = re.search(r'STEPS=\$\{STEPS:-"([^"]+)"\}', text)
     default = m.group(1).split() if m else []
@@ -71,26 +73,34 @@ def check_estimates(launches: List[dict], script: str) -> int:
             print(f"{step}: {counts[step]} Triton compiles; no estimate line in {script}")
             ok = False
             continue
-        n, a, b, w = int(e.group(2)), float(e.group(3)), float(e.group(4)), int(e.group(5))
-        g, c, d = int(e.group(6) or 0), float(e.group(7) or 0), float(e.group(8) or 0)
-        lo, hi, limit = int(e.group(9)), int(e.group(10)), int(e.group(11))
-        var = re.search(rf"\bT_{step}=(\d+)", text)
-        problems = []
-        if n != counts[step]:
-            problems.append(f"the launches give {counts[step]} compiles, the script says {n}")
-        if (lo, hi) != (round(n * a + w + g * c), round(n * b + w + g * d)):
-            problems.append(f"{n} x {a:g}-{b:g} + {w} + {g} x {c:g}-{d:g} is {n * a + w + g * c:.0f}-"
-                            f"{n * b + w + g * d:.0f} s, not {lo}-{hi}")
-        if limit < 1.2 * hi:
-            problems.append(f"limit {limit} s has less than 20 % over {hi} s")
-        if var is None or int(var.group(1)) != limit:
-            problems.append(f"T_{step} is not {limit}")
-        if step in default:
-            total += hi
-        print(f"{step}: {counts[step]} Triton compiles on {DEVICE_ARCH} (script: {n}), {lo}-{hi} s, limit {limit} s"
-              + ("" if not problems else ": " + "; ".join(problems)))
-        ok &= not problems
+        problems, hi_now = _check_line(e, counts[step], text)
+        total += hi_now if step in default else 0
+        ok &= not [p for p in problems if not p.startswith("stale")]
+        print(f"{step}: {counts[step]} Triton compiles on {DEVICE_ARCH} (script: {e.group(2)}), estimate "
+              f"{e.group(9)}-{e.group(10)} s, limit {e.group(11)} s" + ("" if not problems else ": " + "; ".join(problems)))
     pre = re.search(r"^# estimate start: (\d+) s", text, re.M)
     total += int(pre.group(1)) if pre else 0
-    print(f"default steps ({' '.join(default)}) with the start: at most {total} s (target 240 s)")
+    print(f"default steps ({' '.join(default)}) with the start, counts as now: at most {total} s (target 240 s)")
     return 0 if ok and total <= 240 else 1
+
+
+def _check_line(e, count: int, text: str):
+    """(problems, the upper end with ``count`` compiles) of one estimate line."""
+    step = e.group(1)
+    n, a, b, w = int(e.group(2)), float(e.group(3)), float(e.group(4)), int(e.group(5))
+    g, c, d = int(e.group(6) or 0), float(e.group(7) or 0), float(e.group(8) or 0)
+    lo, hi, limit = int(e.group(9)), int(e.group(10)), int(e.group(11))
+    var = re.search(rf"\bT_{step}=(\d+)", text)
+    problems = []
+    if (lo, hi) != (round(n * a + w + g * c), round(n * b + w + g * d)):
+        problems.append(f"{n} x {a:g}-{b:g} + {w} + {g} x {c:g}-{d:g} is {n * a + w + g * c:.0f}-"
+                        f"{n * b + w + g * d:.0f} s, not {lo}-{hi}")
+    if var is None or int(var.group(1)) != limit:
+        problems.append(f"T_{step} is not {limit}")
+    hi_now = round(count * b + w + g * d)
+    if limit < 1.2 * hi_now:
+        problems.append(f"limit {limit} s has less than 20 % over the upper end {hi_now} s")
+    if count != n:
+        problems.append(f"stale: the launches give {count} compiles ({round(count * a + w + g * c)}-{hi_now} s), "
+                        f"the line says {n}")
+    return problems, hi_now
