@@ -2,32 +2,24 @@
 
 PyPI's torchvision is a CUDA build whose compiled ops do not load against the CPU torch wheel this project's
 CI uses (``operator torchvision::nms does not exist``). open_clip and transformers import only torchvision's
-pure-Python parts (transforms, datasets), so declaring the two op schemas that its import registers fake
-kernels for lets it load; calling those ops would still fail, and nothing here calls them.
+pure-Python parts; :func:`fastcontrast.integrations.ensure_torchvision_importable` (the supported, documented
+step that ``fco.patch()`` and ``apply_fastcontrast_to_*()`` take themselves) makes that import work. The tests
+that import a trainer *before* calling the integration call it first, through :func:`torchvision_shim`.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-
-import torch
-
-_shimmed = False
+import warnings
 
 
 def torchvision_shim() -> None:
-    """Declare ``torchvision::nms``/``qnms`` when torchvision's own C++ ops are missing (idempotent)."""
-    global _shimmed
-    if _shimmed or importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")
-    except RuntimeError:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        torchvision_shim._lib = lib  # keep the registration alive
-    _shimmed = True
+    """``fastcontrast.integrations.ensure_torchvision_importable()``, its expected notice silenced (idempotent)."""
+    from fastcontrast.integrations import ensure_torchvision_importable
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ensure_torchvision_importable()
 
 
 def import_open_clip():

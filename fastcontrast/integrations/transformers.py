@@ -13,6 +13,10 @@ its ``logit_scale`` (and ``logit_bias``): the same value and gradients as the mo
 ``logits_per_image``/``logits_per_text`` for code that reads them, but the loss's backward no longer goes
 through them. ``materialize_logits=False`` calls ``get_image_features``/``get_text_features`` and returns the
 output with ``logits_per_image = logits_per_text = None``: nothing N×N exists, forward or backward.
+
+transformers imports torchvision when it is installed; the apply functions first call
+:func:`fastcontrast.integrations.ensure_torchvision_importable`, so that a torchvision built for another torch
+(PyPI's CUDA torchvision beside the CPU torch wheel) does not stop the import.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import functional as Fn
+from .. import clip_loss as _clip_loss
+from .. import siglip_loss as _siglip_loss
+from ._torchvision import ensure_torchvision_importable
 
 _class_patches: Dict[type, object] = {}          # class -> its original forward
 _instance_patches: List[torch.nn.Module] = []
@@ -40,9 +46,9 @@ def _normalise(e: torch.Tensor) -> torch.Tensor:
 def _loss(kind: str, model, image_embeds, text_embeds, backend: str):
     scale = model.logit_scale.to(text_embeds.device).exp()
     if kind == "clip":
-        return Fn.clip_loss(image_embeds, text_embeds, scale, backend=backend)
+        return _clip_loss(image_embeds, text_embeds, scale, backend=backend)
     bias = model.logit_bias.to(text_embeds.device)
-    return Fn.siglip_loss(image_embeds, text_embeds, scale, bias, backend=backend)
+    return _siglip_loss(image_embeds, text_embeds, scale, bias, backend=backend)
 
 
 def _make_forward(kind: str, original, output_cls, materialize_logits: bool, backend: str):
@@ -76,6 +82,7 @@ def _make_forward(kind: str, original, output_cls, materialize_logits: bool, bac
 
 
 def _classes(kind: str) -> Tuple[type, type]:
+    ensure_torchvision_importable()  # transformers imports torchvision when it is installed
     if kind == "clip":
         from transformers.models.clip import modeling_clip as m
 
@@ -86,6 +93,10 @@ def _classes(kind: str) -> Tuple[type, type]:
 
 
 def _apply(kind: str, model: Optional[torch.nn.Module], materialize_logits: bool, backend: str) -> None:
+    from .. import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
     cls, output_cls = _classes(kind)
     if model is None:
         original = _class_patches.get(cls, cls.forward)
