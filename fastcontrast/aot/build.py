@@ -16,10 +16,12 @@ SPILL_LIMIT = 512
 # the launch table (primitives/configs.py: a narrower tile for unaligned launches, which the launcher picks); a
 # 16-divisible launch over the limit fails the check as before. Measured with Triton 3.9.0 and 3.6.0 on sm_90.
 KNOWN_STACK: Dict[str, str] = {
-    "_lse_fwd_kernel": "multi-token, odd per-token width: 128x128 tiles spill 784 B, 128x64 fit (192 B)",
-    "_grad_tile_kernel": "multi-token, odd per-token width: the 128x128 tile spills 736 B, 128x64 fits",
-    "_sigmoid_grad_tile_kernel": "odd d: 128x128 spills 656 B, 64x128 560 B",
-    "_lse_axis_kernel": "AXIS=1 with odd rows and columns: 64x128 on 4 warps spills 624 B",
+    "_lse_fwd_kernel": "multi-token, odd sizes (validate's 37x53x40, 3 tokens): the 128x128 tile spills 784 B "
+                       "(Triton 3.9) / 648 B (3.6.0), 64x128 976 B; the baseline's 128x64 stays <= 376 B",
+    "_grad_tile_kernel": "multi-token, odd sizes: the 128x128 tile spills 736 B (3.9) / 800 B (3.6.0), 64x128 up to "
+                         "1,040 B; the baseline's 128x64 stays <= 376 B",
+    "_sigmoid_grad_tile_kernel": "odd d: the 128x128 tile spills 656 B (3.9), 64x128 928 B (3.6.0)",
+    "_lse_axis_kernel": "fp32 AXIS=1, an odd column count (11 codes): 64x128 on 4 warps spills 544-624 B (3.9)",
 }
 
 

@@ -124,14 +124,18 @@ def summary(rows: List[dict]) -> str:
 
 
 LEGEND = (
-    "Columns: spec = the launch's constexprs; config = tile (M×N×K), warps, stages, register cap (r), and the "
-    "structural switches (FLAT: one tile×K loop; COL_SPLIT: column-split forward grid; G8: grouped program "
+    "Columns: spec = the launch's constexprs (integer arguments equal to 1 included: Triton makes them "
+    "constants); unaligned = its integer and pointer arguments that are not 16-divisible (no tt.divisibility; "
+    "'-': every one is, as at N = 4096, d = 768); config = tile (M×N×K), warps, stages, register cap (r), and "
+    "the structural switches (FLAT: one tile×K loop; COL_SPLIT: column-split forward grid; G8: grouped program "
     "order); variants = the launch-table variants that use this build; regs per thread; stack frame (spills); "
     "shared memory per block; how many K-chunks of A and B the shared memory holds (>= 2: the GEMM loop is "
-    "pipelined); MMA = the matrix instructions in the SASS (HGMMA m×n×k on sm_90, tcgen05 UTCHMMA on sm_100, "
-    "HMMA on sm_80, FFMA: no tensor cores); CTAs/SM from registers (256-register units per warp, 65,536 per SM) "
-    "and shared memory (+1 KB per CTA); loop drains = full copy drains (async_wait num = 0) / full MMA waits "
-    "(warp_group_dot_wait pendings = 0) inside loops of the ttgir. Builds are specialised as a real launch at "
-    "N = 4096, d = 768 is: 16-byte aligned pointers, integers divisible by 16, K = 1 a constant. Checks: smem "
-    "<= 166,912 B (sm_80), 232,448 B (sm_90, sm_100); stack <= 512 B; every bf16/fp16 dot kernel HGMMA on "
-    "sm_90 and tcgen05 on sm_100; every S-tile kernel of the default sm_90 variant HGMMA n >= 128.")
+    "pipelined); MMA = the matrix instructions, read from the PTX and named as the SASS names them (HGMMA m×n×k "
+    "on sm_90, tcgen05 UTCHMMA on sm_100, HMMA on sm_80, FFMA: no tensor cores); CTAs/SM from registers "
+    "(256-register units per warp, 65,536 per SM) and shared memory (+1 KB per CTA); loop drains = full copy "
+    "drains (async_wait num = 0) / full MMA waits (warp_group_dot_wait pendings = 0) inside loops of the ttgir; "
+    "launched by = the workloads whose launches this build serves. Builds are specialised as the captured launch "
+    "is on a GPU. The table's launches (report) are built for every arch and variant; the others for sm_90 with "
+    "the variants that launch them. Checks: smem <= 166,912 B (sm_80), 232,448 B (sm_90, sm_100); stack <= "
+    "512 B (but the known unaligned cases of aot.KNOWN_STACK, marked 'known'); every bf16/fp16 dot kernel HGMMA "
+    "on sm_90 and tcgen05 on sm_100; every S-tile kernel of the default sm_90 variant HGMMA n >= 128.")
