@@ -79,8 +79,8 @@ def _describe(fn, kern):
     div = {names[i[0]] for i, a in (getattr(kern.src, "attrs", None) or {}).items()
            if len(i) == 1 and any(x and x[0] == "tt.divisibility" for x in a)}
     first_ptr = next(t for t in sig.values() if t.startswith("*"))
-    unaligned = sorted(n for n, t in sig.items() if t != "constexpr" and n not in consts
-                       and (t.startswith("*") or t[0] in "iu") and t != "u1" and n not in div)
+    unaligned = [n for n, t in sig.items() if t != "constexpr" and n not in consts  # argument order, as the table
+                 and (t.startswith("*") or t[0] in "iu") and t != "u1" and n not in div]
     return first_ptr[1:], spec_string(consts), ",".join(unaligned) or "-"
 
 

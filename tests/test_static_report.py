@@ -66,3 +66,45 @@ def test_the_session_estimates_are_checked(tmp_path, capsys):
     many = [_rec("_lse_fwd_kernel", "validate/bf16", align=(f"x{i}",)) for i in range(200)]  # 200 distinct builds
     assert check_estimates(many, _script(tmp_path, 1, 11, 11, 20)) == 1  # 200 compiles: the limit has no margin
     assert check_estimates(many, _script(tmp_path, 200, 130, 250, 400)) == 1  # fits its limit, not the 240 s
+
+
+_DESCRIBE = r"""
+import json, sys
+sys.path.insert(0, "benchmarks")
+from kernel_resources import _describe
+from fastcontrast.aot import compile_one, spec_string, unaligned_string
+from fastcontrast.primitives.configs import VARIANTS
+rec = json.loads(sys.argv[1])
+k, _, _ = compile_one(rec, "sm90", VARIANTS["hopper"][rec["kernel"]][("sm90", "16")])
+fn = getattr(__import__(rec["module"], fromlist=[rec["kernel"]]), rec["kernel"])
+print(json.dumps([list(_describe(fn, k)), [rec["dtype"], spec_string(rec["constexprs"]), unaligned_string(rec)]]))
+"""
+
+
+def test_the_driver_side_reads_a_build_as_the_table_writes_it():
+    """benchmarks/kernel_resources.py finds a kernel compiled on the GPU in the static table by (dtype, spec,
+    unaligned): the same strings from a compiled kernel as from the captured launch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastcontrast import siglip_loss
+    from fastcontrast.aot import install_launch_hook
+
+    recs = []
+    remove = install_launch_hook(recs.append)
+    try:
+        x = torch.randn(37, 40, dtype=torch.bfloat16)  # odd sizes and width: unaligned arguments
+        with torch.no_grad():
+            siglip_loss(x, x.flip(0), torch.tensor(10.0), torch.tensor(-10.0), backend="triton")
+    finally:
+        remove()
+    rec = next(r for r in recs if r["kernel"] == "_softplus_rows_kernel")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a GPU build, not the interpreter's
+    r = subprocess.run([sys.executable, "-c", _DESCRIBE, json.dumps(rec)], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    driver, table = json.loads(r.stdout.strip().splitlines()[-1])
+    assert driver == table and table[2] != "-", (driver, table)
