@@ -2,9 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 
 import torch
+
+INTERPRETER_NOTE = ("validate: no CUDA device, so the Triton rows run on the CPU through the Triton interpreter "
+                    "(TRITON_INTERPRET=1; set TRITON_INTERPRET=0 to skip them)")
+
+
+def _rerun_with_triton_interpreter(argv) -> None:
+    """``validate`` on a machine without CUDA: run the Triton rows through the interpreter by default.
+
+    TRITON_INTERPRET must be set before triton.jit decorates the kernels, i.e. before ``fastcontrast`` is
+    imported, which ``python -m fastcontrast`` has already done; so the command runs itself again once with it set
+    (one line says so). A TRITON_INTERPRET the user set, either way, is kept; so is a machine without triton.
+    """
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ or importlib.util.find_spec("triton") is None:
+        return
+    print(INTERPRETER_NOTE, flush=True)
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastcontrast", *argv], {**os.environ, "TRITON_INTERPRET": "1"})
 
 
 def main(argv=None) -> int:
@@ -36,6 +55,7 @@ def main(argv=None) -> int:
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 without a GPU; registers, spills, "
                    "shared memory (python -m fastcontrast aot --help)", add_help=False)
+    from_command_line = argv is None
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "aot":
@@ -45,7 +65,7 @@ def main(argv=None) -> int:
     cmd = args.cmd or "validate"
     if cmd == "backends":
         from .dispatch import BACKENDS, _registry, crossover, unavailable_reason
-        from . import ops  # noqa: F401
+        from . import losses  # noqa: F401
         for dev in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
             print(f"## {dev} (auto: the materialised path up to N·M = {crossover(dev)}, fused above)")
             for op in sorted({o for o, _ in _registry}):
@@ -63,6 +83,11 @@ def main(argv=None) -> int:
             reps=args.reps, ops=tuple(args.ops.split(",")), impls=args.impls.split(",") if args.impls else None,
             progress=not args.no_progress)
         return 0
+    if from_command_line:  # python -m fastcontrast / the console script (a caller's process is never replaced)
+        _rerun_with_triton_interpreter(argv)
+    elif not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        print("validate: no CUDA device and TRITON_INTERPRET is not set: the Triton rows skip (set "
+              "TRITON_INTERPRET=1 before importing fastcontrast, or run python -m fastcontrast validate)")
     from .validate import run_validation
     dtypes = [getattr(torch, d) for d in (getattr(args, "dtype", None) or ["float32", "bfloat16"])]
     ok, _ = run_validation(devices=getattr(args, "device", None), dtypes=dtypes,

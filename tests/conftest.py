@@ -61,3 +61,21 @@ def _seed():
 
 ALL_BACKENDS = BACKENDS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# `pytest -m quick tests` (README): a fast, representative subset, chosen by file (~1 min of the ~16 on 2 cores):
+# the public API and CLI, bad inputs, the references against naive formulas and gradcheck, the fused kernels of
+# CLIP/InfoNCE (group ids and distillation included), SigLIP and the MM-TS hinge against the reference, MM-TS against
+# its official code, the papers' schedules, the open_clip and transformers drop-ins, the README's blocks.
+QUICK_FILES = (
+    "test_api.py", "test_bad_inputs.py", "test_reference_naive.py", "test_reference_gradcheck.py",
+    "test_infonce_kernels.py", "test_multi_positive.py", "test_distill.py", "test_siglip.py",
+    "test_margin_kernels.py", "test_mmts_official.py", "test_schedules.py", "test_open_clip_parity.py",
+    "test_open_clip_upstream_surface.py", "test_transformers_integration.py", "test_readme.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in QUICK_FILES:
+            item.add_marker(pytest.mark.quick)
