@@ -8,7 +8,7 @@ backward into every parameter. Plain: one forward and one backward through the b
 (``fastcontrast.GradCache``): chunked no-grad forward, the loss, then a replay with autograd per chunk.
 
 * peak: the peak live bytes of the tensors the step creates (activations, features, gradients, the loss's
-  buffers), seen op by op by ``fastcontrast._memtrack.PeakMemory`` (a TorchDispatchMode, so it works on the CPU);
+  buffers), seen op by op by ``fastcontrast.tools.memtrack.PeakMemory`` (a TorchDispatchMode, so it works on the CPU);
   the parameters and inputs, which exist before the step, are not counted. On CUDA the allocator's
   ``max_memory_allocated`` is reported beside it.
 * time: wall time of the step (the tracker off), min / median / max of ``--reps`` repetitions, in the same run.
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import fastcontrast as fc
-from fastcontrast._memtrack import PeakMemory
+from fastcontrast.tools.memtrack import PeakMemory
 from fastcontrast.bench import _device_name, time_ms
 
 HERE = os.path.dirname(os.path.abspath(__file__))

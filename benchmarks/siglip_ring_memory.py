@@ -8,7 +8,7 @@ holds the same local batch (N image and N text features of width D, fp32) and ru
 ``SigLipLoss(rank, world_size, dist_impl)`` into its features, logit scale and bias.
 
 * peak: the peak live bytes of the tensors the step creates (the loss's buffers, received blocks, gradients),
-  seen op by op by ``fastcontrast._memtrack.PeakMemory`` (a TorchDispatchMode, so it works on the CPU); the
+  seen op by op by ``fastcontrast.tools.memtrack.PeakMemory`` (a TorchDispatchMode, so it works on the CPU); the
   inputs, which exist before the step, are not counted. The max over ranks is reported.
 * time: wall time of the step (the tracker off), median of ``--reps`` after one warm-up, max over ranks.
 
@@ -39,7 +39,7 @@ def _worker(rank, world, init_file, out_dir, args):
         os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(args.threads)
     import fastcontrast as fc
-    from fastcontrast._memtrack import PeakMemory
+    from fastcontrast.tools.memtrack import PeakMemory
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
