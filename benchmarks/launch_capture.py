@@ -35,7 +35,7 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     from fastcontrast.aot import SESSION_TESTS
 
-    name = os.path.basename(str(item.fspath))
+    name = os.path.basename(str(getattr(item, "path", None) or item.fspath))
     _TAG["tag"] = f"tests/{name}" if any(t.endswith("/" + name) for t in SESSION_TESTS) else None
 
 

@@ -178,7 +178,7 @@ class _TestsTagger:
     """pytest plugin of the tests workload: tags each launch with the test file that made it."""
 
     def pytest_runtest_setup(self, item):
-        _set_tag("tests/" + os.path.basename(str(item.fspath)))
+        _set_tag("tests/" + os.path.basename(str(getattr(item, "path", None) or item.fspath)))
 
 
 def _wl_tests(root: str) -> None:
