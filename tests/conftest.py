@@ -63,7 +63,7 @@ ALL_BACKENDS = BACKENDS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# `pytest -m quick tests` (README): a fast, representative subset, chosen by file (~1 min of the ~16 on 2 cores):
+# `pytest -m quick tests` (README): a fast, representative subset, chosen by file (under 2 min of the ~16 on 2 cores):
 # the public API and CLI, bad inputs, the references against naive formulas and gradcheck, the fused kernels of
 # CLIP/InfoNCE (group ids and distillation included), SigLIP and the MM-TS hinge against the reference, MM-TS against
 # its official code, the papers' schedules, the open_clip and transformers drop-ins, the README's blocks.
