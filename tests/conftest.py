@@ -63,10 +63,10 @@ ALL_BACKENDS = BACKENDS
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# `pytest -m quick tests` (README): a fast, representative subset, chosen by file (under 2 min of the ~16 on 2 cores):
-# the public API and CLI, bad inputs, the references against naive formulas and gradcheck, the fused kernels of
-# CLIP/InfoNCE (group ids and distillation included), SigLIP and the MM-TS hinge against the reference, MM-TS against
-# its official code, the papers' schedules, the open_clip and transformers drop-ins, the README's blocks.
+# `pytest -m quick tests` (README): a fast, representative subset, chosen by file (under 2 min of the ~16 on
+# 2 cores): the public API and CLI, bad inputs, the references against naive formulas and gradcheck, the fused
+# kernels of CLIP/InfoNCE (group ids and distillation included), SigLIP and the MM-TS hinge against the reference,
+# MM-TS against its official code, the papers' schedules, the open_clip and transformers drop-ins, the README.
 QUICK_FILES = (
     "test_api.py", "test_bad_inputs.py", "test_reference_naive.py", "test_reference_gradcheck.py",
     "test_infonce_kernels.py", "test_multi_positive.py", "test_distill.py", "test_siglip.py",
