@@ -107,10 +107,10 @@ for s in $STEPS; do
   case $s in
     validate) step validate $T_validate "$OUT/validate.md" $PY -m fastcontrast.validate --device $DEV \
                 --dtype float32 --dtype bfloat16 --dtype float16 --seeds 1 --backend triton --size $VSIZE ;;
-    ab) step ab $T_ab "$OUT/session.ab.txt" $PY -m fastcontrast.bench --ops clip,siglip --sizes $SIZES_AB \
+    ab) step ab $T_ab "$OUT/session.ab.txt" $PY -m fastcontrast.bench --ops clip_loss,siglip_loss --sizes $SIZES_AB \
           --dim $DIM --dtype $DTYPE --device $DEV --reps 3 --rounds $ROUNDS --variants all \
           --stream-csv "$OUT/ab.csv" --no-progress ;;
-    bench) step bench $T_bench "$OUT/session.bench.txt" $PY -m fastcontrast.bench --ops clip,siglip --sizes $SIZES \
+    bench) step bench $T_bench "$OUT/session.bench.txt" $PY -m fastcontrast.bench --ops clip_loss,siglip_loss --sizes $SIZES \
              --dim $DIM --dtype $DTYPE --device $DEV --reps $REPS --explain-missing --stream-csv "$OUT/bench.csv" \
              --no-progress --impls "fastcontrast[triton],open_clip,reference fp32 (eager),Inf-CL,siglip-kernel" ;;
     resources) step resources $T_resources "$OUT/resources.md" $PY benchmarks/kernel_resources.py --size $VSIZE ;;

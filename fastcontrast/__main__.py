@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastcontrast validate`` (the main job) and ``python -m fastcontrast backends``."""
+"""Command line: ``python -m fastcontrast validate`` (the main job), ``backends``, ``bench`` (= ``python -m
+fastcontrast.bench``) and ``aot``."""
 from __future__ import annotations
 
 import argparse
@@ -35,24 +36,8 @@ def main(argv=None) -> int:
                    help="working dtype (repeatable; default float32 and bfloat16)")
     v.add_argument("--seeds", type=int, default=3, help="number of random seeds per case (default 3)")
     sub.add_parser("backends", help="list backends and why any is unavailable")
-    b = sub.add_parser("bench", help="time and memory of the fused loss against its baselines, in one run")
-    b.add_argument("--ops", default="clip,siglip,oblique,mmts,mmts_margin,codebook,momentum,clip_multipos,distill",
-                   help="comma-separated ops (default: all of clip, siglip, oblique, mmts, mmts_margin, codebook, "
-                   "momentum, clip_multipos, distill)")
-    b.add_argument("--sizes", default=None, help="comma-separated batch sizes (default: 512,1024,2048 on CPU; "
-                   "4096,16384,65536 on CUDA)")
-    b.add_argument("--dim", type=int, default=None, help="feature dim (default 256 on CPU, 768 on CUDA)")
-    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default float32 on CPU, bfloat16 on CUDA")
-    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference baseline")
-    b.add_argument("--reps", type=int, default=7)
-    b.add_argument("--impls", default=None, help="comma-separated substrings: keep only matching implementations "
-                   "(e.g. 'cpu,eager,compiled')")
-    b.add_argument("--out", default="benchmarks/out",
-                   help="folder for bench.csv, bench.md, bench.png (default: benchmarks/out, relative to the "
-                   "current directory; the bench prints the absolute path it wrote)")
-    b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    sub.add_parser("bench", help="time and memory of every loss against its baselines, in one run "
+                   "(python -m fastcontrast bench --help)", add_help=False)
     sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 without a GPU; registers, spills, "
                    "shared memory (python -m fastcontrast aot --help)", add_help=False)
     from_command_line = argv is None
@@ -61,27 +46,20 @@ def main(argv=None) -> int:
     if argv and argv[0] == "aot":
         from .aot import main as aot_main
         return aot_main(argv[1:])
+    if argv and argv[0] == "bench":  # one bench CLI: fastcontrast.bench's
+        from .bench.cli import main as bench_main
+        return bench_main(argv[1:])
     args = p.parse_args(argv)
     cmd = args.cmd or "validate"
     if cmd == "backends":
-        from .dispatch import BACKENDS, _registry, crossover, unavailable_reason
-        from . import losses  # noqa: F401
+        from . import losses  # noqa: F401  (registers every implementation)
+        from .dispatch import BACKENDS, crossover, registered, unavailable_reason
         for dev in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
             print(f"## {dev} (auto: the materialised path up to N·M = {crossover(dev)}, fused above)")
-            for op in sorted({o for o, _ in _registry}):
+            for op in registered():
                 for b in BACKENDS:
                     r = unavailable_reason(op, b, torch.device(dev))
                     print(f"{op:22s} {b:10s} {'available' if r is None else 'unavailable: ' + r}")
-        return 0
-    if cmd == "bench":
-        from .bench import run
-        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        gpu = dev.type == "cuda"
-        sizes = [int(v) for v in (args.sizes or ("4096,16384,65536" if gpu else "512,1024,2048")).split(",")]
-        dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-        run(sizes, args.dim or (768 if gpu else 256), dtype, dev, out_dir=args.out, with_compile=not args.no_compile,
-            reps=args.reps, ops=tuple(args.ops.split(",")), impls=args.impls.split(",") if args.impls else None,
-            progress=not args.no_progress)
         return 0
     if from_command_line:  # python -m fastcontrast / the console script (a caller's process is never replaced)
         _rerun_with_triton_interpreter(argv)

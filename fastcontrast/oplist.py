@@ -268,3 +268,18 @@ def get(name: str) -> OpInfo:
 def bench_ops() -> Tuple[str, ...]:
     """The ops ``bench`` times by default."""
     return tuple(o.name for o in OPS if o.bench)
+
+
+def parse(names: str) -> Tuple[str, ...]:
+    """A comma-separated list of op names (commas inside a variant's parentheses belong to the name); each
+    checked against the op list."""
+    out, depth, cur = [], 0, ""
+    for ch in names:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return tuple(get(n).name for n in out if n)

@@ -35,7 +35,7 @@ def test_dry_run_whole_flow_at_most_8_files(tmp_path):
                                           "fastcontrast[triton:baseline#2]"}  # the baseline again in every round
     assert all(row["fwd_bwd_ms"] not in ("", "nan") for row in ab), ab
     # variants whose launches are identical (fp32: every variant keeps the 32-bit tiles) are measured once, labelled
-    siglip = {row["impl"]: row["note"] for row in ab if row["op"] == "siglip"}
+    siglip = {row["impl"]: row["note"] for row in ab if row["op"] == "siglip_loss"}
     assert "same launches as baseline" in siglip["fastcontrast[triton:hopper]"], siglip
     summary = (out / "summary.md").read_text()
     assert "Paste into fastcontrast/" in summary or "nothing to paste" in summary or "nothing to choose" in summary
@@ -96,4 +96,4 @@ def test_rows_survive_a_kill_mid_run(tmp_path):
     rows = list(csv.DictReader(open(ab)))
     assert len(rows) >= 2 and len(rows) < 5 * 3 * 2, len(rows)  # stopped before all 30 rows (5 per op and N)
     assert all(float(r["fwd_bwd_ms"]) > 0 for r in rows)
-    assert "| clip |" in (out / "session.log").read_text() + (out / "session.ab.txt").read_text()
+    assert "| clip_loss |" in (out / "session.log").read_text() + (out / "session.ab.txt").read_text()

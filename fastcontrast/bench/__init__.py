@@ -23,7 +23,7 @@ its forward call's time (which is its fwd+bwd).
 # the bench's public names, wherever they live in the package (benchmarks/ scripts import them from here)
 from .ab import ab_run, ab_table, ab_verdict, launched_kernels, variant_groups  # noqa: F401
 from .cli import main  # noqa: F401
-from .impls import (IMPL_BY_NAME, IMPLS, LEGEND, OPS, Impl, Unavailable, _DISPATCH_OP, bytes_floor,  # noqa: F401
+from .impls import (IMPL_BY_NAME, IMPLS, LEGEND, OPS, Impl, Unavailable, bytes_floor, dispatch_op,  # noqa: F401
                     candidates, describe, flops, loss_fn, make_inputs)
 from .sweep import legend, plot, run, to_markdown  # noqa: F401
 from .timing import (_device_name, copy_gbps, matmul_tflops, measure, median_ms, peak_extra_bytes,  # noqa: F401

@@ -46,7 +46,7 @@ def variant_groups(variants: List[str], kernels: List[str], arch: str, dtype: to
 REPEAT = "#2"  # suffix of the baseline's second measurement in every round (the A/B's own noise)
 
 
-def ab_run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, variants: List[str], ops=("clip",),
+def ab_run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, variants: List[str], ops=("clip_loss",),
            reps: int = 3, rounds: int = 5, log=print, stream_csv: Optional[str] = None, progress: bool = True):
     """The launch-table A/B: for each (op, N), the variants grouped by identical launches (:func:`variant_groups`:
     one measurement per group), then ``rounds`` rounds, each timing every group once in turn and the first

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import oplist
 from .ab import ab_table
 from .impls import _configs
 from .sweep import run
@@ -16,7 +17,8 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m fastcontrast.bench", description="Speed and memory of every loss against what its users would run instead, measured in one run.")
-    p.add_argument("--ops", default="clip,siglip")
+    p.add_argument("--ops", default=None, help="op-list names (fastcontrast.oplist), comma-separated; default: "
+                   + ", ".join(oplist.bench_ops()))
     p.add_argument("--sizes", default=None)
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -34,12 +36,13 @@ def main(argv=None) -> int:
                    "first again)")
     p.add_argument("--explain-missing", action="store_true", help="baselines that cannot run stay as rows saying why")
     p.add_argument("--stream-csv", default=None, help="append each row to this CSV the moment it is measured")
-    p.add_argument("--out", default=None, help="also write bench.csv/bench.md/bench.png here at the end")
+    p.add_argument("--out", default="benchmarks/out", help="write bench.csv/bench.md/bench.png here at the end "
+                   "(default: benchmarks/out, relative to the current directory; the bench prints where)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = dev.type == "cuda"
-    sizes = [int(v) for v in (a.sizes or ("4096,16384,65536" if gpu else "256,512")).split(",")]
+    sizes = [int(v) for v in (a.sizes or ("4096,16384,65536" if gpu else "512,1024,2048")).split(",")]
     dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
     variants = None
     if a.variants:
@@ -48,8 +51,8 @@ def main(argv=None) -> int:
         bad = [v for v in variants if v not in VARIANTS]
         if bad:
             p.error(f"--variants: unknown {bad}; expected some of {sorted(VARIANTS)}")
-    rows = run(sizes, a.dim or (768 if gpu else 64), dtype, dev, out_dir=a.out, with_compile=not a.no_compile,
-               reps=a.reps, ops=tuple(a.ops.split(",")), impls=a.impls.split(",") if a.impls else None,
+    rows = run(sizes, a.dim or (768 if gpu else 256), dtype, dev, out_dir=a.out, with_compile=not a.no_compile,
+               reps=a.reps, ops=oplist.parse(a.ops) if a.ops else oplist.bench_ops(), impls=a.impls.split(",") if a.impls else None,
                progress=not a.no_progress, variants=variants, explain_missing=a.explain_missing,
                stream_csv=a.stream_csv, compile_max=a.compile_max, stream=True, budget_s=a.budget, rounds=a.rounds)
     if variants:

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import functional as Fn
+from .. import oplist
 
 
 
@@ -65,10 +65,8 @@ def _unavailable(reason: str) -> Callable:
     return fn
 
 
-OPS = ("clip", "siglip", "oblique", "mmts", "mmts_margin", "codebook", "momentum", "clip_multipos", "distill")
-_DISPATCH_OP = {"clip": "infonce", "siglip": "siglip", "oblique": "infonce", "mmts": "infonce",
-                "mmts_margin": "max_margin", "codebook": "swapped_prediction", "momentum": "momentum_contrastive",
-                "clip_multipos": "infonce", "distill": "distill"}
+OPS = oplist.bench_ops()  # the ops bench times by default: the op list's bench entries (any op-list name runs)
+
 
 # What each fastcontrast implementation name in the tables means (the baselines: IMPLS below).
 LEGEND = {
@@ -79,91 +77,39 @@ LEGEND = {
     "fastcontrast[torch-tiles]": "the same tiling in plain PyTorch blocks: what runs without the C++ extension",
 }
 
-def _codes(n: int) -> int:
-    return max(16, min(4096, n // 4))
+def _bench_op(op: str) -> oplist.OpInfo:
+    info = oplist.get(op)
+    if info.bench_make is None:
+        raise ValueError(f"op {op!r} has no bench inputs (fastcontrast.oplist: bench_make); the benched ops are "
+                         f"{', '.join(OPS)}")
+    return info
 
 
 def make_inputs(op: str, n: int, d: int, dev: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Fresh random leaves (requires_grad where the loss is differentiable) for one op at batch n."""
-    g = torch.Generator().manual_seed(n)
-
-    def feat(*shape):
-        return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1).to(dev, dtype).requires_grad_()
-
-    def scalar(v):
-        return torch.tensor(v, device=dev, requires_grad=True)
-
-    def mmts_tau():  # MM-TS: τ_i(t) from dataset-wide cluster sizes (one τ per pair)
-        sizes = torch.randint(1, 1000, (n,), generator=g)
-        return Fn.mmts_temperature(sizes, 100, 10_000, 1, 999).to(dev)
-
-    if op == "clip":
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(14.3)}
-    if op == "siglip":
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(10.0),
-                "logit_bias": scalar(-10.0)}
-    if op == "oblique":
-        return {"image_tokens": feat(n, 16, d // 16), "text_tokens": feat(n, 16, d // 16)}  # Sun: K = 16, scale 1
-    if op == "mmts":
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "tau_image": mmts_tau()}
-    if op == "mmts_margin":
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "margin": mmts_tau()}
-    if op == "codebook":
-        out = {k: feat(n, d) for k in ("image_features", "text_features")}
-        out.update({k: feat(n, d).detach() for k in ("teacher_image_features", "teacher_text_features")})
-        out["codebook"] = feat(_codes(n), d)
-        return out
-    if op == "clip_multipos":  # group ids: about 5 captions per image id (COCO-like), shared by both sides
-        ids = torch.randint(0, max(1, n // 5), (n,), generator=g).to(dev)
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(14.3),
-                "image_ids": ids, "text_ids": ids}
-    if op == "distill":  # open_clip's --distill: student features and scale, a teacher's features and scale
-        return {"image_features": feat(n, d), "text_features": feat(n, d), "logit_scale": scalar(14.3),
-                "teacher_image_features": feat(n, d).detach(), "teacher_text_features": feat(n, d).detach(),
-                "teacher_logit_scale": torch.tensor(100.0, device=dev)}
-    if op == "momentum":  # ALBEF/CODIS instance term: N queries against N teacher keys + a queue of 4N
-        return {"query": feat(n, d), "keys": feat(n, d).detach(), "teacher_query": feat(n, d).detach(),
-                "queue": feat(4 * n, d).detach(), "logit_scale": scalar(1 / 0.07)}
-    raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    """Fresh random leaves (requires_grad where the loss is differentiable) for one op at batch n: the op list's
+    ``bench_make``, seeded by n."""
+    return _bench_op(op).bench_make(torch.Generator().manual_seed(n), dev, dtype, n, d)
 
 
 def loss_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
-    return {
-        "clip": lambda **kw: Fn.clip_loss(**kw, backend=backend),
-        "siglip": lambda **kw: Fn.siglip_loss(**kw, backend=backend),
-        "oblique": lambda **kw: Fn.oblique_clip_loss(**kw, backend=backend),
-        "mmts": lambda **kw: Fn.adaptive_temperature_clip_loss(**kw, backend=backend),
-        "mmts_margin": lambda **kw: Fn.max_margin_loss(**kw, backend=backend),
-        "codebook": lambda **kw: Fn.codebook_loss(**kw, tau=0.1, epsilon=0.05, n_iters=3, backend=backend),
-        "momentum": lambda **kw: Fn.momentum_contrastive_loss(**kw, alpha=0.4, backend=backend),
-        "clip_multipos": lambda **kw: Fn.clip_loss(**kw, backend=backend),
-        "distill": lambda **kw: sum(Fn.distill_clip_loss(**kw, backend=backend)),  # contrastive + distill
-    }[op]
+    """The op's loss with ``backend`` and the bench's fixed arguments (a tuple's terms summed)."""
+    info = _bench_op(op)
+    return lambda **kw: info(backend, bench=True, **kw)
+
+
+def dispatch_op(op: str) -> str:
+    return oplist.get(op).dispatch
 
 
 def flops(op: str, n: int, d: int) -> float:
-    """Floor of forward+backward in FLOPs: the pairwise similarity once, then one GEMM each for the gradients
-    that exist (3 units of 2·N·M·d; the symmetric losses need both feature gradients)."""
-    if op == "codebook":  # two sides × (scores + 2 grad GEMMs) + two teacher score matrices
-        return 2 * 6 * n * _codes(n) * d + 2 * 2 * n * _codes(n) * d
-    if op == "momentum":  # student scores + the query gradient, plus the teacher's soft-target pass (2 GEMMs)
-        m = 5 * n
-        return 2 * n * m * d * 2 + 2 * n * m * d * 2
-    if op == "distill":  # the student's S and its two gradient GEMMs, plus the teacher's S once
-        return 8 * n * n * d
-    return 6 * n * n * d
+    """Floor of forward+backward in FLOPs (the op list's model): the pairwise similarity once, then one GEMM each
+    for the gradients that exist (3 units of 2·N·M·d for the symmetric losses)."""
+    return _bench_op(op).flops(n, d)
 
 
 def bytes_floor(op: str, n: int, d: int, elt: int) -> float:
-    """Each input read once, each gradient written once."""
-    if op == "codebook":
-        k = _codes(n)
-        return (4 * n * d + k * d + 2 * n * d + k * d) * elt
-    if op == "momentum":
-        return (3 * n * d + 4 * n * d + n * d) * elt
-    if op == "distill":
-        return 6 * n * d * elt
-    return 4 * n * d * elt
+    """Each input read once, each gradient written once (the op list's model)."""
+    return _bench_op(op).bytes(n, d, elt)
 
 
 def _amp(dev: torch.device, dtype: torch.dtype):
@@ -173,9 +119,9 @@ def _amp(dev: torch.device, dtype: torch.dtype):
 
 # open_clip's loss classes and the bench inputs their forward takes, in order
 _OPEN_CLIP = {
-    "clip": ("ClipLoss", ("image_features", "text_features", "logit_scale")),
-    "siglip": ("SigLipLoss", ("image_features", "text_features", "logit_scale", "logit_bias")),
-    "distill": ("DistillClipLoss", ("image_features", "text_features", "logit_scale", "teacher_image_features",
+    "clip_loss": ("ClipLoss", ("image_features", "text_features", "logit_scale")),
+    "siglip_loss": ("SigLipLoss", ("image_features", "text_features", "logit_scale", "logit_bias")),
+    "distill_clip_loss": ("DistillClipLoss", ("image_features", "text_features", "logit_scale", "teacher_image_features",
                                     "teacher_text_features", "teacher_logit_scale")),
 }
 
@@ -236,26 +182,26 @@ _COMPILED = ("under torch.compile(dynamic=False): one graph per size, as a fixed
              "(compiled in the warm-up, before timing)")
 # The baselines, one table. Features are the bench dtype (bf16 on the GPU), the dtype their users run them in.
 IMPLS: Tuple[Impl, ...] = (
-    Impl("open_clip ClipLoss", ("clip",), _make_open_clip(False),
+    Impl("open_clip ClipLoss", ("clip_loss",), _make_open_clip(False),
          "open_clip.loss.ClipLoss on the bench dtype's features under torch.autocast(that dtype), as open_clip's "
          "trainer runs it (--precision amp_bf16); materialises the N×N logits"),
-    Impl("open_clip ClipLoss (compiled)", ("clip",), _make_open_clip(True), "the same " + _COMPILED, compiled=True),
-    Impl("open_clip SigLipLoss", ("siglip",), _make_open_clip(False),
+    Impl("open_clip ClipLoss (compiled)", ("clip_loss",), _make_open_clip(True), "the same " + _COMPILED, compiled=True),
+    Impl("open_clip SigLipLoss", ("siglip_loss",), _make_open_clip(False),
          "open_clip.loss.SigLipLoss on the bench dtype's features under torch.autocast(that dtype), as open_clip's "
          "trainer runs it; materialises the N×N logits"),
-    Impl("open_clip SigLipLoss (compiled)", ("siglip",), _make_open_clip(True), "the same " + _COMPILED,
+    Impl("open_clip SigLipLoss (compiled)", ("siglip_loss",), _make_open_clip(True), "the same " + _COMPILED,
          compiled=True),
-    Impl("open_clip DistillClipLoss", ("distill",), _make_open_clip(False),
+    Impl("open_clip DistillClipLoss", ("distill_clip_loss",), _make_open_clip(False),
          "open_clip.loss.DistillClipLoss under torch.autocast (student and teacher logits materialised)"),
     Impl("reference fp32 (eager)", OPS, _make_reference(False),
          "fastcontrast's readable reference: features upcast to float32, TF32 off (torch's default), the N×N "
          "logits materialised; eager PyTorch"),
     Impl("reference fp32 (compiled)", OPS, _make_reference(True), "the float32 reference " + _COMPILED,
          compiled=True),
-    Impl("Inf-CL (flash, 2 calls)", ("clip",), _make_inf_cl,
+    Impl("Inf-CL (flash, 2 calls)", ("clip_loss",), _make_inf_cl,
          "Inf-CL 1.2.1's cal_flash_loss, once per direction (it is one-directional); it upcasts to float32 and "
          "multiplies in TF32", cuda_only=True),
-    Impl("siglip-kernel", ("siglip",), _make_siglip_kernel,
+    Impl("siglip-kernel", ("siglip_loss",), _make_siglip_kernel,
          "siglip-kernel 0.1.2 fused_siglip_loss (auto routing: chunked cuBLAS GEMM + fused BCE for bf16/fp16); it "
          "computes the gradients inside its forward and its backward only scales them, so its fwd column is "
          "empty and the note gives its forward call's time", cuda_only=True, grads_in_forward=True),
@@ -285,17 +231,17 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True, variants: 
     from ..dispatch import available_backends, unavailable_reason
 
     if variants:
-        why = unavailable_reason(_DISPATCH_OP[op], "triton", dev)
+        why = unavailable_reason(dispatch_op(op), "triton", dev)
         for v in variants:
             out[f"fastcontrast[triton:{v}]"] = (loss_fn(op, "triton") if why is None
                                                else _unavailable(f"triton: {why}"))
         return out
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    for fused in available_backends(_DISPATCH_OP[op], dev):  # every fast backend that runs here, auto's first
+    for fused in available_backends(dispatch_op(op), dev):  # every fast backend that runs here, auto's first
         # Triton on the CPU only under the interpreter (the GPU session's dry run)
         if fused != "reference" and not (fused == "triton" and dev.type == "cpu" and not interp):
             out[f"fastcontrast[{fused}]"] = loss_fn(op, fused)
-    if op == "clip" and dev.type == "cpu" and not interp:
+    if op == "clip_loss" and dev.type == "cpu" and not interp:
         out["fastcontrast[torch-tiles]"] = _torch_tiles()
     for impl in IMPLS:
         if op not in impl.ops or (impl.compiled and not with_compile):
@@ -319,12 +265,13 @@ def candidates(op: str, dev: torch.device, with_compile: bool = True, variants: 
 
 def _torch_tiles():
     """The blockwise PyTorch tiles behind the custom op: what runs on CPU without the C++ extension."""
-    from ..losses.clip_loss import infonce_fused
+    from ..dispatch import kernel_impl
+
+    infonce = kernel_impl("infonce", "tiles")
 
     def tiles(image_features, text_features, logit_scale):
         n = image_features.shape[0]
         s = logit_scale.expand(n)
-        return infonce_fused(image_features, text_features, s, s, None,
-                             torch.arange(n, device=image_features.device), False, 1, "torch")
+        return infonce(image_features, text_features, s, s, None, None, False, 1)
 
     return tiles

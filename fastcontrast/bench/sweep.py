@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import oplist
 from .impls import IMPL_BY_NAME, OPS, Unavailable, bytes_floor, candidates, describe, flops, make_inputs
 from .timing import (SPREAD_FLAG, _NAN_ROW, _Sink, _device_name, _flags, _free, _is_oom, _leaves, _progress,
                      _stream_line, copy_gbps, matmul_tflops, measure)
@@ -25,9 +26,10 @@ def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_d
     per phase of a row after which it stops at 3 repetitions. ``variants``: the launch-table A/B instead
     (:func:`ab_run`, ``rounds`` rounds). Rows carry ``failed`` when an implementation raised anything but
     "unavailable here" or out-of-memory."""
-    unknown = [op for op in ops if op not in OPS]
+    unknown = [op for op in ops if op not in oplist.OP or oplist.OP[op].bench_make is None]
     if unknown:
-        raise ValueError(f"ops: unknown {unknown}; expected some of {OPS}")
+        raise ValueError(f"ops: unknown or without bench inputs {unknown}; the benched ops of fastcontrast.oplist "
+                         f"are {', '.join(o.name for o in oplist.OPS if o.bench_make is not None)}")
     if variants:
         from .ab import ab_run
 
