@@ -13,6 +13,7 @@ from .functional import (
     cosine_schedule,
     density_temperature,
     distill_clip_loss,
+    lse_rows,
     max_margin_loss,
     mmts_temperature,
     momentum_contrastive_loss,
@@ -42,7 +43,7 @@ __all__ = [
     "mmts_temperature", "density_temperature", "sinkhorn", "codebook_loss", "cosine_schedule",
     "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "MMTSClipLoss", "MMTSMaxMarginLoss", "DensityTemperatureClipLoss",
     "MaxMarginLoss", "CodebookLoss", "CodisLoss", "FeatureQueue", "EMATeacher", "momentum_contrastive_loss",
-    "distill_clip_loss", "DistillClipLoss",
+    "distill_clip_loss", "DistillClipLoss", "lse_rows",
     "GradCache",
     "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]

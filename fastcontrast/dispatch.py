@@ -27,13 +27,20 @@ Two substitutions are made here and nowhere else:
 * under ``torch.use_deterministic_algorithms(True)`` the CUDA extension's backward (atomicAdd of the scale
   gradients, in an order that changes from run to run) gives way to the PyTorch tiles: the same math with
   fixed-order reductions. The Triton kernels are deterministic in every mode.
+
+And one decision by what the call needs: ``resolve(..., needs=("masks",))`` says the call carries what some
+kernels cannot compute (``"masks"``: keep/group/guide masks or a hardness penalty inside the log-sum-exp, see
+``primitives/lse_masked.py``). An entry registered with ``lacks=("masks",)`` (the C++/CUDA kernels of csrc/ have
+no masks) then runs the PyTorch tiles (``Impl.kernel == "tiles"``, forward and backward) for that call, and
+its own kernels for every call that does not need them. The kernels below never substitute on their own: told
+to run a mask on a kernel without masks, they raise.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
 import torch
 
@@ -67,6 +74,11 @@ class Entry:
     deterministic: bool  # bitwise repeatable run to run (before the deterministic-mode substitution)
     double_backward: bool  # exact second derivatives (create_graph=True); else a clear error
     wants_impl: bool  # fn takes the resolved Impl as its keyword-only ``impl`` argument
+    lacks: FrozenSet[str] = frozenset()  # what its kernels cannot do (NEEDS): such calls take the PyTorch tiles
+
+
+# What a call can need that not every kernel computes (``resolve(..., needs=...)``, ``register(..., lacks=...)``).
+NEEDS = ("masks",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,21 +114,32 @@ _DEVICES = {"triton": ("cuda", "cpu (TRITON_INTERPRET=1)"), "cuda": ("cuda",), "
             "dense": ("cpu", "cuda"), "reference": ("cpu", "cuda")}
 
 
+def _check_needs(name: str, values: Iterable[str]) -> FrozenSet[str]:
+    out = frozenset(values)
+    unknown = sorted(out - set(NEEDS))
+    if unknown:
+        raise ValueError(f"{name} must be a subset of {NEEDS}, got unknown {unknown}")
+    return out
+
+
 def register(op: str, backend: str, *, float64: str = "native", deterministic: bool = True,
-             double_backward: Optional[bool] = None):
+             double_backward: Optional[bool] = None, lacks: Iterable[str] = ()):
     """Decorator: ``fn`` implements ``op`` on ``backend``. ``float64``: how float64 inputs are served (module doc);
     ``double_backward`` defaults to True on dense/reference (autograd or its rebuild), False on fused backends.
-    A function with a keyword-only ``impl`` parameter receives the resolved :class:`Impl`."""
+    ``lacks``: what of :data:`NEEDS` this backend's own kernels cannot compute: a call that needs it runs the
+    PyTorch tiles instead (module doc). A function with a keyword-only ``impl`` parameter receives the resolved
+    :class:`Impl`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     if float64 not in ("native", "tiles", "reference"):
         raise ValueError(f"float64 must be 'native', 'tiles' or 'reference', got {float64!r}")
+    lacks = _check_needs("lacks", lacks)
 
     def deco(fn):
         params = inspect.signature(fn).parameters
         wants = "impl" in params and params["impl"].kind == inspect.Parameter.KEYWORD_ONLY
         dbl = backend in ("dense", "reference") if double_backward is None else double_backward
-        _registry[(op, backend)] = Entry(fn, float64, deterministic, dbl, wants)
+        _registry[(op, backend)] = Entry(fn, float64, deterministic, dbl, wants, lacks)
         _cache.clear()
         return fn
 
@@ -124,14 +147,18 @@ def register(op: str, backend: str, *, float64: str = "native", deterministic: b
 
 
 def register_fused(op: str, fn: Callable, *, backends: Tuple[str, ...] = FUSED, triton_float64: str = "tiles",
-                   cuda_float64: str = "native", cuda_atomics: bool = True) -> Callable:
+                   cuda_float64: str = "native", cuda_atomics: bool = True, csrc_lacks: Iterable[str] = (),
+                   triton_lacks: Iterable[str] = ()) -> Callable:
     """``fn`` implements ``op`` on the fused ``backends``. The Triton kernels compute in float32: float64 gets
     ``triton_float64`` ("tiles": the PyTorch tiles in float64; "reference": the op's reference); csrc's CUDA
     kernels ``cuda_float64``; the C++ CPU kernels take float64 natively. ``cuda_atomics``: csrc's CUDA backward
-    adds with atomicAdd (not bitwise repeatable; its backward takes the tiles in deterministic mode)."""
+    adds with atomicAdd (not bitwise repeatable; its backward takes the tiles in deterministic mode).
+    ``csrc_lacks`` / ``triton_lacks``: what of :data:`NEEDS` csrc's (cuda, cpu) / the Triton kernels cannot
+    compute; calls that need it run the PyTorch tiles on those backends."""
     for b in backends:
         f64 = {"triton": triton_float64, "cuda": cuda_float64}.get(b, "native")
-        register(op, b, float64=f64, deterministic=not (b == "cuda" and cuda_atomics))(fn)
+        lacks = triton_lacks if b == "triton" else csrc_lacks
+        register(op, b, float64=f64, deterministic=not (b == "cuda" and cuda_atomics), lacks=lacks)(fn)
     return fn
 
 
@@ -198,18 +225,20 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
     return reason
 
 
-def _build(op: str, backend: str, f64: bool, deterministic_mode: bool) -> Impl:
-    """The one decision: which kernels run ``op`` on ``backend`` for this dtype class and determinism mode."""
+def _build(op: str, backend: str, f64: bool, deterministic_mode: bool, needs: FrozenSet[str] = frozenset()
+           ) -> Impl:
+    """The one decision: which kernels run ``op`` on ``backend`` for this dtype class, determinism mode and what
+    the call needs."""
     entry = _registry[(op, backend)]
     kernel = backend
     if f64 and entry.float64 == "reference":
         ref = _registry[(op, "reference")]
         return Impl(op, backend, "reference", "reference", _ALL_DTYPES, ref.deterministic, ref.double_backward,
                     _DEVICES[backend], ref.fn, ref.wants_impl)
-    if f64 and entry.float64 == "tiles":
-        kernel = "tiles"
+    if (f64 and entry.float64 == "tiles") or (needs & entry.lacks):
+        kernel = "tiles"  # float64 on a float32 kernel, or a call its kernels cannot compute (masks on csrc)
     backward = kernel
-    deterministic = entry.deterministic
+    deterministic = entry.deterministic or kernel == "tiles"
     if kernel == "cuda" and deterministic_mode and not deterministic:
         backward, deterministic = "tiles", True
     dtypes = _ALL_DTYPES if entry.float64 != "reference" else _ALL_DTYPES[:3]
@@ -217,13 +246,13 @@ def _build(op: str, backend: str, f64: bool, deterministic_mode: bool) -> Impl:
                 entry.fn, entry.wants_impl)
 
 
-def _impl(op: str, backend: str, dtype: Optional[torch.dtype]) -> Impl:
+def _impl(op: str, backend: str, dtype: Optional[torch.dtype], needs: FrozenSet[str] = frozenset()) -> Impl:
     f64 = dtype == torch.float64
     det = torch.are_deterministic_algorithms_enabled()
-    key = (op, backend, f64, det)
+    key = (op, backend, f64, det, needs)
     hit = _cache.get(key)
     if hit is None:
-        hit = _cache[key] = _build(op, backend, f64, det)
+        hit = _cache[key] = _build(op, backend, f64, det, needs)
     return hit
 
 
@@ -242,17 +271,19 @@ def _under_torch_func() -> bool:
 
 
 def resolve(op: str, backend: str, device: torch.device, size: int = 0,
-            dtype: Optional[torch.dtype] = None) -> Impl:
+            dtype: Optional[torch.dtype] = None, needs: Iterable[str] = ()) -> Impl:
     """The :class:`Impl` that runs ``op`` on ``device``; ``size`` = N·M decides ``"auto"``; ``dtype``: the inputs'
-    dtype (float64 on a float32-only kernel gets what the op declared: PyTorch tiles or its reference).
+    dtype (float64 on a float32-only kernel gets what the op declared: PyTorch tiles or its reference);
+    ``needs``: what of :data:`NEEDS` the call carries (a backend whose kernels lack it runs the PyTorch tiles).
     Under torch.func transforms only the reference composes (the other backends' autograd is hand-written):
     ``"auto"`` takes it there and an explicit other backend raises."""
     func = _under_torch_func()
+    needs = _check_needs("needs", needs)
     if backend == "auto":
         if func:
             return _impl(op, "reference", dtype)
         small = 0 < size <= _CROSSOVER.get(device.type, 0)
-        return _impl(op, _auto_backend(op, device, small), dtype)
+        return _impl(op, _auto_backend(op, device, small), dtype, needs)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if func and backend in BACKENDS and backend != "reference":
@@ -265,7 +296,7 @@ def resolve(op: str, backend: str, device: torch.device, size: int = 0,
         if backend not in BACKENDS:
             raise ValueError(f"backend: {reason}")
         raise BackendUnavailableError(f"backend {backend!r} is unavailable for {op!r}: {reason}")
-    return _impl(op, backend, dtype)
+    return _impl(op, backend, dtype, needs)
 
 
 def kernel_impl(op: str, kernel: str) -> Impl:

@@ -148,6 +148,50 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     return V.poison(V.plus_zero_bias(loss, bias), bad)
 
 
+@autocast_aware("queries", "keys")
+def lse_rows(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: Scalar,
+    *,
+    normalize: bool = False,
+    keep: Optional[torch.Tensor] = None,
+    row_ids: Optional[torch.Tensor] = None,
+    col_ids: Optional[torch.Tensor] = None,
+    exclude_same: bool = False,
+    guide_queries: Optional[torch.Tensor] = None,
+    guide_keys: Optional[torch.Tensor] = None,
+    guide_threshold: Optional[torch.Tensor] = None,
+    hard_cols: Optional[torch.Tensor] = None,
+    hardness_strength: float = 0.0,
+    hardness_cells=(),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Masked row log-sum-exp: lse_i = log Σ_{j kept} exp(s·S_ij + pen_ij), S = q kᵀ (cosine when ``normalize``),
+    with gradients to queries, keys and a tensor ``logit_scale``; O((N+M)·D) memory on the fused backends.
+
+    queries (N, D), keys (M, D) -> (N,) float32 (float64 for float64 inputs). Column j is dropped from row i when
+    ``exclude_same`` and row_ids_i == col_ids_j (``row_ids`` (N,), ``col_ids`` (M,) int64: the same group), or
+    when ⟨gq_i, gk_j⟩ > guide_threshold_i (``guide_queries`` (N, Dg), ``guide_keys`` (M, Dg), ``guide_threshold``
+    (N,): GISTEmbed's false-negative rule; the guides L2-normalised when ``normalize``, no gradient) — but never
+    when j == keep_i (``keep`` (N,) int64: row i's positive column). ``hard_cols`` (M,) bool marks explicit
+    hard-negative columns; ``hardness_strength`` α adds α·sg(S_ij) to the logit of (i, j) when its cell is in
+    ``hardness_cells`` ⊆ {"same_inbatch", "same_hard", "other_inbatch", "other_hard"} ("same": row_ids_i ==
+    col_ids_j, "hard": hard_cols[j]); a value shift only (sentence-transformers 6.2.0's hardness_mode). A row
+    with every column dropped gives -inf. Math and sources: docs/math.md, fastcontrast/losses/lse_rows.py.
+    """
+    from .losses import lse_rows as LR
+
+    args = LR.check_args(queries, keys, logit_scale, normalize, keep, row_ids, col_ids, exclude_same,
+                         guide_queries, guide_keys, guide_threshold, hard_cols, hardness_strength, hardness_cells)
+    n, m = queries.shape[0], keys.shape[0]
+    keep, bad = V.labels_guard(args[4], m)  # a keep outside [0, M): NaN, not a silently dropped positive
+    args = args[:4] + (keep,) + args[5:]
+    impl = resolve("lse_rows", backend, queries.device, n * m, queries.dtype,
+                   needs=LR.needs(args[7], args[8], args[12], args[13]))
+    return V.poison(impl(*args), bad)
+
+
 @autocast_aware("image_tokens", "text_tokens")
 def oblique_clip_loss(
     image_tokens: torch.Tensor,
@@ -549,5 +593,5 @@ def _perplexity(usage: torch.Tensor) -> float:
 __all__ = [
     "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
     "density_temperature", "mmts_temperature", "sinkhorn", "codebook_loss", "momentum_contrastive_loss",
-    "cosine_schedule", "distill_clip_loss",
+    "cosine_schedule", "distill_clip_loss", "lse_rows",
 ]

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     clip_loss,
     codebook_loss,
     distill_clip_loss,
+    lse_rows,
     max_margin_loss,
     momentum_contrastive_loss,
     oblique_clip_loss,
