@@ -102,12 +102,11 @@ HINGE_SHAPE = dict(n=70, m=150, d=200)
 
 def _hinge_cases(n, m, d):
     from fastcontrast import functional as Fn
-    from fastcontrast.validate import Case, _clip_inputs
+    from fastcontrast import oplist
+    from fastcontrast.validate import Case
 
-    def make(g, dev, dt):
-        inp = _clip_inputs(n, m, d)(g, dev, dt)
-        inp.pop("logit_scale")
-        return inp
+    def make(g, dev, dt):  # the op list's inputs of the labelled hinge (N != M: labels)
+        return oplist.get("max_margin_loss").make(g, dev, dt, n, m, d, 1)
 
     return [Case(f"max_margin({'hardest' if h else 'sum'}, normalize={nm})", "max_margin", make,
                  lambda backend, h=h, nm=nm, **kw: Fn.max_margin_loss(**kw, margin=0.3, hardest=h, normalize=nm,
@@ -176,3 +175,26 @@ def test_variant_hinge_forward_keeps_nan(variant, hardest):
         assert not torch.isfinite(out).any(), out
     else:
         assert torch.isnan(out).all(), out
+
+
+def test_unaligned_launches_get_the_narrow_tile_and_keep_the_variants_switches():
+    """configs.UNALIGNED: a launch whose row width or strides are not 16-divisible (odd d, a per-token width such
+    as 40/3) gets a tile that stays within 512 B of stack (the wide ones spill 544-1,040 B there: aot); the
+    variant's structural switches stay; an aligned launch keeps the table's tile."""
+    assert _configs.is_aligned("_lse_fwd_kernel", D=768, DT=768, stride_am=768, stride_bm=768)
+    assert not _configs.is_aligned("_lse_fwd_kernel", D=40, DT=13, stride_am=40, stride_bm=40)
+    assert not _configs.is_aligned("_lse_axis_kernel", C=11, stride_r=11)
+    assert _configs.is_aligned("_hinge_fwd_kernel", D=13)  # no narrow tile: the rule does not apply
+    for name in _configs.VARIANTS:
+        for kernel, by_class in _configs.UNALIGNED.items():
+            for (arch, dclass), cfg in _configs.VARIANTS[name][kernel].items():
+                assert _configs.table_config(name, kernel, arch, dclass, True) == cfg
+                got = _configs.table_config(name, kernel, arch, dclass, False)
+                want = by_class.get(dclass)
+                if want is None:
+                    assert got == cfg
+                    continue
+                assert {k: got[k] for k in want} == want, (name, kernel, arch, dclass)
+                assert {k: v for k, v in got.items() if k not in want and not k.startswith("BLOCK")} == \
+                    {k: v for k, v in cfg.items() if k not in want and not k.startswith("BLOCK")
+                     and k not in ("num_warps", "num_stages", "maxnreg")}

@@ -17,8 +17,8 @@
    its PTX; "smem stages" estimates how many K-chunks of A and B the shared memory holds (≥ 2: pipelined).
 
 ``--check`` exits non-zero on a compile error, on a build that needs more shared memory than its
-architecture gives one block, or on one that spills more than 512 B of stack (but the known cases of
-:data:`KNOWN_STACK`). ``--estimate benchmarks/gpu_session.sh`` counts the kernels each step of the GPU session
+architecture gives one block, or on one that spills more than 512 B of stack (unaligned launches get the
+narrower tiles of ``primitives.configs.UNALIGNED``, as the launcher picks them). ``--estimate benchmarks/gpu_session.sh`` counts the kernels each step of the GPU session
 compiles (:mod:`.estimate`) and checks the script's written estimates against them.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import List
 
 from .launches import _capture_main  # noqa: F401  (the capture subprocesses' entry)
 
-from .build import (DEVICE_ARCH, KNOWN_STACK, SPILL_LIMIT, TABLE_WORKLOADS, build_row, compile_one,  # noqa: F401
+from .build import (DEVICE_ARCH, SPILL_LIMIT, TABLE_WORKLOADS, build_row, compile_one,  # noqa: F401
                     mma_summary, resources, spec_string, unaligned_string)
 from .estimate import SESSION_STEPS, check_estimates, step_compiles  # noqa: F401
 from .launches import (SESSION_TESTS, WORKLOADS, capture, install_launch_hook, launch_record,  # noqa: F401
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-launches", default=None, help="write the captured launches here")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPUs, at most 8)")
     p.add_argument("--check", action="store_true", help="exit 1 on compile errors, smem over the arch's limit, "
-                   f"more than {SPILL_LIMIT} B of stack (but the known cases of KNOWN_STACK), a 16-bit dot kernel "
+                   f"more than {SPILL_LIMIT} B of stack (aligned or not), a 16-bit dot kernel "
                    "without HGMMA (sm_90) / tcgen05 (sm_100), or an S-tile kernel of the default sm_90 variant with "
                    "HGMMA n < 128")
     p.add_argument("--estimate", default=None, metavar="SCRIPT", help="no builds: count the Triton kernels each "

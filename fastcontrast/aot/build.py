@@ -10,19 +10,7 @@ import tempfile
 from typing import Dict, List, Optional, Tuple
 
 
-SPILL_LIMIT = 512
-# Builds over SPILL_LIMIT that --check lets pass, and only for launches with unaligned arguments (odd feature
-# widths or sizes: validate's 37x53x40 with 3 tokens, the tests' ragged shapes): kernel -> why. The fix belongs to
-# the launch table (primitives/configs.py: a narrower tile for unaligned launches, which the launcher picks); a
-# 16-divisible launch over the limit fails the check as before. Measured with Triton 3.9.0 and 3.6.0 on sm_90.
-KNOWN_STACK: Dict[str, str] = {
-    "_lse_fwd_kernel": "multi-token, odd sizes (validate's 37x53x40, 3 tokens): the 128x128 tile spills 784 B "
-                       "(Triton 3.9) / 648 B (3.6.0), 64x128 976 B; the baseline's 128x64 stays <= 376 B",
-    "_grad_tile_kernel": "multi-token, odd sizes: the 128x128 tile spills 736 B (3.9) / 800 B (3.6.0), 64x128 up to "
-                         "1,040 B; the baseline's 128x64 stays <= 376 B",
-    "_sigmoid_grad_tile_kernel": "odd d: the 128x128 tile spills 656 B (3.9), 64x128 928 B (3.6.0)",
-    "_lse_axis_kernel": "fp32 AXIS=1, an odd column count (11 codes): 64x128 on 4 warps spills 544-624 B (3.9)",
-}
+SPILL_LIMIT = 512  # every build, aligned or not: unaligned launches get the narrower tiles of configs.UNALIGNED
 
 
 def _tool(name: str) -> str:
@@ -246,7 +234,7 @@ def _build_jobs(launches: List[dict], archs, variants) -> List[dict]:
     and the workloads that launch it listed."""
     import torch
 
-    from ..primitives.configs import VARIANTS, dtype_class
+    from ..primitives.configs import ALIGN_ARGS, VARIANTS, dtype_class, table_config
 
     jobs: Dict[tuple, dict] = {}
     order = lambda d: (d["kernel"], d["dtype"], spec_string(d["constexprs"]), unaligned_string(d))  # noqa: E731
@@ -262,10 +250,14 @@ def _build_jobs(launches: List[dict], archs, variants) -> List[dict]:
                     job = jobs.setdefault(key, dict(kernel=lc["kernel"], dtype=lc["dtype"], spec=spec, unaligned=unal,
                                                     arch="-", cfg=None, variants=[], workloads=[], launch=lc))
                 else:
-                    cfg = table[lc["kernel"]][(arch, dclass)]
+                    # the launcher's rule (configs.is_aligned): the row width and strides decide the tile
+                    aligned = "align" not in lc or all(a in lc["align"] for a in ALIGN_ARGS.get(lc["kernel"], ())
+                                                       if a in lc["signature"] and lc["signature"][a] != "constexpr")
+                    cfg = table_config(name, lc["kernel"], arch, dclass, aligned)
                     key = (lc["kernel"], lc["dtype"], spec, unal, arch, json.dumps(cfg, sort_keys=True))
                     job = jobs.setdefault(key, dict(kernel=lc["kernel"], dtype=lc["dtype"], spec=spec, unaligned=unal,
-                                                    arch=arch, cfg=dict(cfg), variants=[], workloads=[], launch=lc))
+                                                    arch=arch, cfg=dict(cfg), variants=[], workloads=[], launch=lc,
+                                                    aligned=aligned))
                 if name not in job["variants"]:
                     job["variants"].append(name)
                 for w in lc["workloads"]:
@@ -314,11 +306,7 @@ def build_row(job: dict) -> dict:
         if smem > SMEM_LIMIT[arch]:
             problems.append(f"smem {smem} > {SMEM_LIMIT[arch]}")
         if res["stack"] > SPILL_LIMIT:
-            known = KNOWN_STACK.get(job["kernel"]) if row["unaligned"] not in ("-", "?") else None
-            if known:
-                row["note"] = f"known: stack {res['stack']} > {SPILL_LIMIT} ({known})"
-            else:
-                problems.append(f"stack {res['stack']} > {SPILL_LIMIT}")
+            problems.append(f"stack {res['stack']} > {SPILL_LIMIT}")
         half = job["dtype"] in ("bf16", "fp16")
         if is_dot and half and arch == "sm90" and not mma.startswith("HGMMA"):
             problems.append(f"no HGMMA on sm_90 ({mma})")
@@ -328,6 +316,8 @@ def build_row(job: dict) -> dict:
                 and n is not None and n < 128):
             if job["kernel"] in NARROW_OK:
                 row["note"] = f"HGMMA n = {n}: {NARROW_OK[job['kernel']]}"
+            elif not job.get("aligned", True):
+                row["note"] = f"HGMMA n = {n}: an unaligned launch's tile (configs.UNALIGNED: the wide tile spills)"
             else:
                 problems.append(f"default sm_90 S tile has HGMMA n = {n} < 128")
         if problems:

@@ -117,8 +117,7 @@ def summary(rows: List[dict]) -> str:
             f"{sum(1 for r in rows if r.get('error', '').startswith(('Compil', 'Runtime', 'Assert', 'Value')))} "
             f"compile errors, {sum(1 for r in rows if err(r, 'smem') and '>' in r.get('error', ''))} over their "
             f"arch's shared memory, {sum(1 for r in rows if (r.get('stack') or 0) > SPILL_LIMIT)} with more than "
-            f"{SPILL_LIMIT} B of stack ({sum(1 for r in rows if r.get('note', '').startswith('known: stack'))} of "
-            f"them known, KNOWN_STACK), {sum(1 for r in rows if err(r, 'no HGMMA', 'no tcgen05'))} 16-bit dot "
+            f"{SPILL_LIMIT} B of stack, {sum(1 for r in rows if err(r, 'no HGMMA', 'no tcgen05'))} 16-bit dot "
             f"builds without the arch's MMA, {sum(1 for r in rows if err(r, '< 128'))} default sm_90 S tiles with "
             f"HGMMA n < 128; {sum(1 for r in rows if 'error' in r)} rows flagged")
 
@@ -137,5 +136,7 @@ LEGEND = (
     "launched by = the workloads whose launches this build serves. Builds are specialised as the captured launch "
     "is on a GPU. The table's launches (report) are built for every arch and variant; the others for sm_90 with "
     "the variants that launch them. Checks: smem <= 166,912 B (sm_80), 232,448 B (sm_90, sm_100); stack <= "
-    "512 B (but the known unaligned cases of aot.KNOWN_STACK, marked 'known'); every bf16/fp16 dot kernel HGMMA "
-    "on sm_90 and tcgen05 on sm_100; every S-tile kernel of the default sm_90 variant HGMMA n >= 128.")
+    "512 B, aligned or not (an unaligned launch gets the narrower tile of primitives.configs.UNALIGNED, as the "
+    "launcher does); every bf16/fp16 dot kernel HGMMA "
+    "on sm_90 and tcgen05 on sm_100; every S-tile kernel of the default sm_90 variant HGMMA n >= 128 (an "
+    "unaligned launch's narrower tile is noted).")

@@ -75,6 +75,10 @@ _BASELINE = _with({
     "_hinge_pair_grad_tile_kernel": _pairwise(_PAIR16),
     "_softplus_rows_kernel": _pairwise(_WIDE16),
     "_sigmoid_grad_tile_kernel": _pairwise(_WIDE16),
+    # Matryoshka (primitives/matryoshka_triton.py): the InfoNCE tiles; the prefixes' row statistics add 2·P floats
+    # per row to the forward, the checkpoints' epilogues run inside the K loop
+    "_matryoshka_fwd_kernel": _pairwise(_PAIR16),
+    "_matryoshka_grad_kernel": _pairwise(_PAIR16),
     "_lse_axis_kernel": _ROWCOL,
     "_sinkhorn_out_kernel": _ROWCOL,
 }, _PLAIN)
@@ -149,8 +153,44 @@ def dtype_class(dtype: torch.dtype) -> str:
     return "16" if dtype in (torch.float16, torch.bfloat16) else "32"
 
 
-def config(kernel: str, device: torch.device, dtype: torch.dtype) -> dict:
-    """The launch configuration (tile constexprs plus num_warps/num_stages) of ``kernel`` on ``device``."""
+# Launches whose feature rows are not 16-aligned (an odd d, a per-token width such as 40/3): without tt.divisibility
+# Triton cannot vectorise their loads and the wide tiles spill (static report, sm_90: the 128×128 S tiles of
+# _lse_fwd_kernel / _grad_tile_kernel 648-800 B of stack, 64×128 up to 1,040 B; _sigmoid_grad_tile_kernel 656 /
+# 928 B; _lse_axis_kernel fp32 64×128 on 4 warps 544-624 B). These tiles stay within 512 B on every arch (probed
+# with aot's builds: <= 304 B, 0 B, 0 B). The variant's structural switches (FLAT, COL_SPLIT, GROUP) are kept.
+UNALIGNED: Dict[str, Dict[str, dict]] = {  # kernel -> dtype class -> tile
+    "_lse_fwd_kernel": {"16": _PAIR16},
+    "_grad_tile_kernel": {"16": _PAIR16},
+    "_sigmoid_grad_tile_kernel": {"16": _PAIR16},
+    "_lse_axis_kernel": {"16": dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=3),
+                         "32": dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=3)},
+}
+# the integer arguments whose alignment decides it (the row width and the row strides)
+ALIGN_ARGS = {"_lse_fwd_kernel": ("D", "DT", "stride_am", "stride_bm"),
+              "_grad_tile_kernel": ("D", "DT", "stride_am", "stride_bm"),
+              "_sigmoid_grad_tile_kernel": ("D", "stride_am", "stride_bm"), "_lse_axis_kernel": ("C", "stride_r")}
+
+
+def is_aligned(kernel: str, **ints: int) -> bool:
+    """Whether a launch of ``kernel`` with these integer arguments gets the table's tile (every argument of
+    :data:`ALIGN_ARGS` divisible by 16, as Triton specialises them) or its :data:`UNALIGNED` one."""
+    return all(ints[n] % 16 == 0 for n in ALIGN_ARGS.get(kernel, ()) if n in ints)
+
+
+def table_config(name: str, kernel: str, arch: str, dclass: str, aligned: bool = True) -> dict:
+    """Variant ``name``'s configuration of ``kernel`` on ``arch`` for a dtype class, for an aligned launch or not
+    (what the launcher picks; the static report builds the same)."""
+    cfg = dict(VARIANTS[name][kernel][(arch, dclass)])
+    narrow = UNALIGNED.get(kernel, {}).get(dclass)
+    if not aligned and narrow is not None:
+        cfg = dict(narrow, **{k: v for k, v in cfg.items() if k not in narrow and not k.startswith("BLOCK")
+                              and k not in _TRITON_OPTIONS})
+    return cfg
+
+
+def config(kernel: str, device: torch.device, dtype: torch.dtype, aligned: bool = True) -> dict:
+    """The launch configuration (tile constexprs plus num_warps/num_stages) of ``kernel`` on ``device``;
+    ``aligned``: :func:`is_aligned` of the launch (an unaligned one gets the narrower :data:`UNALIGNED` tile)."""
     if kernel in OVERRIDE:
         return dict(OVERRIDE[kernel])
     if device.type != "cuda":
@@ -164,16 +204,16 @@ def config(kernel: str, device: torch.device, dtype: torch.dtype) -> dict:
         return dict(small, **{k: v for k, v in by[("sm90", dtype_class(dtype))].items()
                               if k not in small and not k.startswith("BLOCK") and k not in _TRITON_OPTIONS})
     arch = arch_of(device)
-    return dict(VARIANTS[variant(arch)][kernel][(arch, dtype_class(dtype))])
+    return table_config(variant(arch), kernel, arch, dtype_class(dtype), aligned)
 
 
 _TRITON_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
-def launch(kernel: str, device: torch.device, dtype: torch.dtype) -> Tuple[dict, int, int]:
+def launch(kernel: str, device: torch.device, dtype: torch.dtype, aligned: bool = True) -> Tuple[dict, int, int]:
     """(kernel keyword arguments: tile constexprs and launch options such as maxnreg, num_warps, num_stages);
     launcher-only keys (``LAUNCHER_KEYS``) are dropped."""
-    cfg = config(kernel, device, dtype)
+    cfg = config(kernel, device, dtype, aligned)
     for k in LAUNCHER_KEYS:
         cfg.pop(k, None)
     return cfg, cfg.pop("num_warps"), cfg.pop("num_stages")

@@ -40,8 +40,9 @@ def _triton_fwd(x, y, a, c, bias, normalize, tokens):
     inv_x = T.inv_token_norms(x, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     inv_y = T.inv_token_norms(y, tokens) if normalize else x.new_empty(1, dtype=torch.float32)
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
-    full = C.config("_lse_fwd_kernel", x.device, x.dtype)
-    cfg, warps, stages = C.launch("_lse_fwd_kernel", x.device, x.dtype)
+    al = C.is_aligned("_lse_fwd_kernel", D=d, DT=dt, stride_am=x.stride(0), stride_bm=y.stride(0))
+    full = C.config("_lse_fwd_kernel", x.device, x.dtype, al)
+    cfg, warps, stages = C.launch("_lse_fwd_kernel", x.device, x.dtype, al)
     n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     split = _column_split(n_blocks, triton.cdiv(m, cfg["BLOCK_N"]), x.device, full)
     lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
@@ -96,7 +97,8 @@ def _triton_grad_tiles(x, y, inv_x, inv_y, a, c, bias, lse_r, lse_c, g_r, g_c, s
     n, d = x.shape
     m = y.shape[0]
     ntok, dt = (tokens, d // tokens) if normalize else (1, d)
-    cfg, warps, stages = C.launch("_grad_tile_kernel", x.device, x.dtype)
+    al = C.is_aligned("_grad_tile_kernel", D=d, DT=dt, stride_am=x.stride(0), stride_bm=y.stride(0))
+    cfg, warps, stages = C.launch("_grad_tile_kernel", x.device, x.dtype, al)
     b = bias.float().reshape(1)
     a32, c32 = a.float().contiguous(), c.float().contiguous()
     g_r, g_c = g_r.float().contiguous(), g_c.float().contiguous()

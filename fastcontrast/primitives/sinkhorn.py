@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from .configs import is_aligned
 from .configs import launch as launch_config
 from .triton_support import triton
 
@@ -23,7 +24,8 @@ def sinkhorn_fused(scores: Tensor, epsilon: float, n_iters: int) -> Tensor:
     """Same iterations as the reference (columns, then rows, ``n_iters`` times), in potentials u, v."""
     s = scores.contiguous()
     n, k = s.shape
-    cfg, warps, stages = launch_config("_lse_axis_kernel", s.device, s.dtype)
+    al = is_aligned("_lse_axis_kernel", C=k, stride_r=s.stride(0))
+    cfg, warps, stages = launch_config("_lse_axis_kernel", s.device, s.dtype, al)
     br, bc = cfg["BLOCK_R"], cfg["BLOCK_C"]
     u = torch.zeros(n, device=s.device, dtype=torch.float32)
     v = torch.empty(k, device=s.device, dtype=torch.float32)

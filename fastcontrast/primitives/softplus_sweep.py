@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import tiles as T
+from .configs import is_aligned
 from .configs import launch as launch_config
 from .triton_support import triton
 
@@ -40,7 +41,8 @@ class SoftplusSum(torch.autograd.Function):
                 UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
             ctx.grads = None
             return out.sum()
-        cfg, warps, stages = launch_config("_sigmoid_grad_tile_kernel", x.device, x.dtype)
+        al = is_aligned("_sigmoid_grad_tile_kernel", D=d, stride_am=x.stride(0), stride_bm=y.stride(0))
+        cfg, warps, stages = launch_config("_sigmoid_grad_tile_kernel", x.device, x.dtype, al)
         col_tiles = triton.cdiv(m, cfg["BLOCK_N"])
         sums = torch.zeros(3, device=x.device, dtype=torch.float32)  # Σ softplus, Σ σ·S, Σ σ
         part = []
