@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create, or reuse, ./.venv with fastcontrast installed (editable; the C++ extension built once and rebuilt only
 # when csrc/, setup.py or pyproject.toml change). With --test it adds the test tools and the real third-party
-# trainers the integration tests drive (open_clip, transformers), installed so that none of them pulls a second
-# torch: the packages that depend on torch go in with --no-deps, the rest under a constraint pinning the torch
-# already there. A torch already in .venv (e.g. a CUDA build on a GPU machine) is kept; else the CPU wheel.
+# trainers the integration tests drive (open_clip, transformers, sentence-transformers), installed so that none of
+# them pulls a second torch: the packages that depend on torch go in with --no-deps, the rest under a constraint
+# pinning the torch already there. A torch already in .venv (e.g. a CUDA build on a GPU machine) is kept; else the
+# CPU wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=.venv/bin
