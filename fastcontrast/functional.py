@@ -14,6 +14,7 @@ from . import losses  # noqa: F401  (registers implementations)
 from ._amp import autocast_aware
 from .dispatch import resolve
 from .losses.codebook_loss import teacher_scores
+from .losses.lse_rows import lse_rows  # noqa: F401  (public, defined there)
 from .losses.temperature import cosine_schedule, density_to_temperature
 
 Scalar = Union[float, torch.Tensor]
@@ -53,7 +54,7 @@ def _ids_or_labels(image_ids, text_ids, labels, n, m, like):
     return None, V.check_labels(labels, n, m, like, diagonal_as_none=True)
 
 
-@autocast_aware("image_features", "text_features")
+@autocast_aware("image_features", "text_features", "text_negatives")
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -64,6 +65,13 @@ def clip_loss(
     backend: str = "auto",
     image_ids: Optional[torch.Tensor] = None,
     text_ids: Optional[torch.Tensor] = None,
+    text_negatives: Optional[torch.Tensor] = None,
+    false_negative_ids=None,
+    guide_image_features: Optional[torch.Tensor] = None,
+    guide_text_features: Optional[torch.Tensor] = None,
+    guide_text_negatives: Optional[torch.Tensor] = None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: ½[CE(s·XYᵀ + b, p) + CE(s·YXᵀ + b, p⁻¹)].
 
@@ -73,11 +81,28 @@ def clip_loss(
     ``image_ids`` (N,), ``text_ids`` (M,) (instead of labels): every pair with equal ids is a positive, each row's
     target uniform over its positives, both directions (UniCL): ½[mean_i CE_i + mean_j CE_j]; a row with no
     positive contributes 0. With unique ids (one text per image) it is the loss above.
+
+    Hard negatives and false negatives (losses/clip_loss_masked.py, docs/math.md), O(N·d) on the fused backends:
+    ``text_negatives`` (K, D): extra captions in the image→text softmax only (NegCLIP); ``false_negative_ids`` =
+    (image_ids (N,), text_ids (M,)): same-id texts other than the positive leave both directions' denominators
+    (this package's alternative to UniCL's shared targets); ``guide_image_features`` (N, Dg),
+    ``guide_text_features`` (M, Dg) (and ``guide_text_negatives`` (K, Dg) with negatives): a frozen guide's
+    embeddings; a negative whose guide cosine exceeds the positive's minus ``guide_margin`` is dropped
+    (GISTEmbed; ``guide_margin_strategy`` "absolute" or "relative": minus |positive|·margin). Not with
+    image_ids/text_ids.
     """
     _check_image_text(image_features, text_features)
     n, m = image_features.shape[0], text_features.shape[0]
     scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
     bias = _bias(logit_bias, image_features)
+    from .losses import clip_loss_masked as CM
+
+    masked = CM.check_args(image_features, text_features, image_ids, text_ids, text_negatives, false_negative_ids,
+                           guide_image_features, guide_text_features, guide_text_negatives, guide_margin,
+                           guide_margin_strategy)
+    if masked is not None:
+        labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
+        return CM.run(image_features, text_features, scale, bias, labels, normalize, masked, backend)
     ids, labels = _ids_or_labels(image_ids, text_ids, labels, n, m, image_features)
     V.check_finite(image_features=image_features, text_features=text_features)
     return _infonce(image_features, text_features, scale.expand(n), scale.expand(m), bias, labels, normalize, 1,
@@ -146,50 +171,6 @@ def ce_rows(a: torch.Tensor, b: torch.Tensor, logit_scale: Scalar, logit_bias: O
     labels, bad = V.labels_guard(labels, b.shape[0])
     loss = impl(a, b, scale, None, labels)  # the bias cancels in the softmax: see _infonce
     return V.poison(V.plus_zero_bias(loss, bias), bad)
-
-
-@autocast_aware("queries", "keys")
-def lse_rows(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    logit_scale: Scalar,
-    *,
-    normalize: bool = False,
-    keep: Optional[torch.Tensor] = None,
-    row_ids: Optional[torch.Tensor] = None,
-    col_ids: Optional[torch.Tensor] = None,
-    exclude_same: bool = False,
-    guide_queries: Optional[torch.Tensor] = None,
-    guide_keys: Optional[torch.Tensor] = None,
-    guide_threshold: Optional[torch.Tensor] = None,
-    hard_cols: Optional[torch.Tensor] = None,
-    hardness_strength: float = 0.0,
-    hardness_cells=(),
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Masked row log-sum-exp: lse_i = log Σ_{j kept} exp(s·S_ij + pen_ij), S = q kᵀ (cosine when ``normalize``),
-    with gradients to queries, keys and a tensor ``logit_scale``; O((N+M)·D) memory on the fused backends.
-
-    queries (N, D), keys (M, D) -> (N,) float32 (float64 for float64 inputs). Column j is dropped from row i when
-    ``exclude_same`` and row_ids_i == col_ids_j (``row_ids`` (N,), ``col_ids`` (M,) int64: the same group), or
-    when ⟨gq_i, gk_j⟩ > guide_threshold_i (``guide_queries`` (N, Dg), ``guide_keys`` (M, Dg), ``guide_threshold``
-    (N,): GISTEmbed's false-negative rule; the guides L2-normalised when ``normalize``, no gradient) — but never
-    when j == keep_i (``keep`` (N,) int64: row i's positive column). ``hard_cols`` (M,) bool marks explicit
-    hard-negative columns; ``hardness_strength`` α adds α·sg(S_ij) to the logit of (i, j) when its cell is in
-    ``hardness_cells`` ⊆ {"same_inbatch", "same_hard", "other_inbatch", "other_hard"} ("same": row_ids_i ==
-    col_ids_j, "hard": hard_cols[j]); a value shift only (sentence-transformers 6.2.0's hardness_mode). A row
-    with every column dropped gives -inf. Math and sources: docs/math.md, fastcontrast/losses/lse_rows.py.
-    """
-    from .losses import lse_rows as LR
-
-    args = LR.check_args(queries, keys, logit_scale, normalize, keep, row_ids, col_ids, exclude_same,
-                         guide_queries, guide_keys, guide_threshold, hard_cols, hardness_strength, hardness_cells)
-    n, m = queries.shape[0], keys.shape[0]
-    keep, bad = V.labels_guard(args[4], m)  # a keep outside [0, M): NaN, not a silently dropped positive
-    args = args[:4] + (keep,) + args[5:]
-    impl = resolve("lse_rows", backend, queries.device, n * m, queries.dtype,
-                   needs=LR.needs(args[7], args[8], args[12], args[13]))
-    return V.poison(impl(*args), bad)
 
 
 @autocast_aware("image_tokens", "text_tokens")

@@ -378,6 +378,12 @@ def test_nan_never_passes(backend):
     leaves["queries"][2, 1] = float("nan")
     out = fc.lse_rows(**leaves, **kw, backend=backend)
     assert torch.isnan(out[2])
+    leaves, kw = make("guide", 0, torch.float32)
+    kw["guide_keys"] = kw["guide_keys"].clone()
+    kw["guide_keys"][3, 0] = float("nan")  # would compare False (nothing dropped): poisons every row instead
+    assert torch.isnan(fc.lse_rows(**leaves, **kw, backend=backend)).all()
+    with fc.debug(), pytest.raises(ValueError, match=r"guide_keys contains non-finite values"):
+        fc.lse_rows(**leaves, **kw, backend=backend)
     leaves, kw = make("exclude", 0, torch.float32)
     kw["keep"] = kw["keep"].clone()
     kw["keep"][1] = 21  # outside [0, M): every output NaN, not a silently dropped positive
@@ -499,3 +505,49 @@ def test_bad_inputs_name_the_argument(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         fc.lse_rows(**args)
+
+
+# ------------------------------------------------------------------------- the primitive's two kernels
+def _primitive_case(seed, n, m, n_stat, n_id, dtype, guide_dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g).to(DEV, dtype)
+    y = torch.randn(m, 12, generator=g).to(DEV, dtype)
+    a = (1 + torch.rand(n, generator=g)).to(DEV)
+    c = (1 + torch.rand(m, generator=g)).to(DEV)
+    gx, gy = torch.randn(n, 7, generator=g).to(DEV, guide_dtype), torch.randn(m, 7, generator=g).to(DEV, guide_dtype)
+    masks = LM.Masks(keep=torch.randint(-1, m, (n,), generator=g).to(DEV),
+                     row_ids=torch.randint(0, 3, (n,), generator=g).to(DEV),
+                     col_ids=torch.randint(0, 3, (n_id,), generator=g).to(DEV), exclude_same=True, guide_x=gx,
+                     guide_y=gy, guide_normalize=True, thr_r=_untied_thresholds(gx, gy, True, g).float().to(DEV),
+                     thr_c=(_untied_thresholds(gy[:n_stat], gx, True, g).float().to(DEV) if n_stat else None),
+                     pen_same=torch.rand(m, generator=g).to(DEV), pen_other=torch.rand(m, generator=g).to(DEV),
+                     n_stat=n_stat)
+    return x, y, a, c, masks
+
+
+@pytest.mark.parametrize("dtype,guide_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16)], ids=["fp32", "bf16+fp32guide",
+                                                                                      "bf16"])
+@pytest.mark.parametrize("n,m,n_stat,n_id", [(13, 21, 0, 21), (37, 150, 140, 100), (70, 45, 45, 30)],
+                         ids=["rows", "split+cols", "cols"])
+def test_triton_kernels_equal_the_tiles(dtype, guide_dtype, n, m, n_stat, n_id):
+    """fastcontrast::lse_masked on the Triton kernels (the interpreter on a CPU) against its PyTorch tiles on the
+    same inputs: row and column statistics, a column split of the forward grid (M = 150: 5 column tiles of 32 on
+    the interpreter's 4 SMs), columns without ids, rows without a kept column (keep = -1), an fp32 guide beside
+    16-bit features, and every gradient."""
+    if fc.dispatch.unavailable_reason("lse_rows", "triton", DEV) is not None:
+        pytest.skip("triton cannot run here")
+    x, y, a, c, masks = _primitive_case(0, n, m, n_stat, n_id, dtype, guide_dtype)
+    res = {}
+    for kernel in ("triton", "tiles"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, y, a, c)]
+        lr, lc = LM.bound(kernel, kernel)(*leaves, True, masks)
+        w_r = torch.linspace(0.5, 1.5, n, device=DEV)
+        w_c = torch.linspace(1.5, 0.5, n_stat, device=DEV)
+        loss = (lr * w_r).sum() + (torch.where(torch.isfinite(lc), lc, 0.0) * w_c).sum()
+        res[kernel] = (lr, lc) + torch.autograd.grad(loss, leaves)
+    for what, got, want in zip(("lse_r", "lse_c", "dx", "dy", "da", "dc"), res["triton"], res["tiles"]):
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), what
+        fin = torch.isfinite(want)
+        err = rel(got[fin], want[fin]) if fin.any() else 0.0
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), (what, err)

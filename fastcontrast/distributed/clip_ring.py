@@ -170,7 +170,10 @@ class _RingInfoNCE(torch.autograd.Function):
 
 def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
                    normalize: bool = False, group=None, image_ids: Optional[Tensor] = None,
-                   text_ids: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                   text_ids: Optional[Tensor] = None, backend: str = "auto", text_negatives: Optional[Tensor] = None,
+                   false_negative_ids=None, guide_image_features: Optional[Tensor] = None,
+                   guide_text_features: Optional[Tensor] = None, guide_text_negatives: Optional[Tensor] = None,
+                   guide_margin: float = 0.0, guide_margin_strategy: str = "absolute") -> Tensor:
     """CLIP's symmetric InfoNCE over the whole distributed batch, computed around a ring of ranks.
 
     image_features, text_features: this rank's (N_local, D) pairs (equal N_local on every rank). Returns the
@@ -184,6 +187,12 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     ``backend``: what scores each block, forward and backward (the dispatcher's op ``lse_pair``): the fused
     ``fastcontrast::lse_pair`` on triton/cpu/cuda, the materialised block with autograd's gradient on
     dense/reference; "auto" decides by the local block size N·M.
+
+    ``text_negatives`` (K_local, D), ``false_negative_ids`` (image_ids (N_local,), text_ids (N_local,)), the guide
+    (``guide_image_features``, ``guide_text_features``, ``guide_text_negatives``, ``guide_margin``,
+    ``guide_margin_strategy``): as :func:`fastcontrast.clip_loss` on the concatenated batch (every rank's
+    negatives and texts are candidates of every image); each block carries its negatives, ids, guide rows and
+    column thresholds around the ring (:class:`_RingMasked`). Not with image_ids/text_ids.
     """
     V.check_features("image_features", image_features, 2)
     V.check_features("text_features", text_features, 2)
@@ -193,10 +202,23 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     scale = V.as_scalar_tensor("logit_scale", logit_scale, x)
     bias = torch.zeros((), device=x.device) if logit_bias is None else \
         V.as_scalar_tensor("logit_bias", logit_bias, x, positive=False)
+    from ..losses import clip_loss_masked as CM
+
     # every rank, every call, before any error only some ranks could raise: a ring fed uneven blocks, or blocks
-    # with ids on some ranks only, would hang
-    check_ranks_agree((n, m, x.shape[1]), (image_ids is not None, text_ids is not None), group,
-                       options="image_ids/text_ids given")
+    # with ids (negatives, a guide) on some ranks only, would hang
+    neg_rows = text_negatives.shape[0] if isinstance(text_negatives, Tensor) and text_negatives.dim() else 0
+    check_ranks_agree((n, m, x.shape[1], neg_rows),
+                      (image_ids is not None, text_ids is not None, text_negatives is not None,
+                       false_negative_ids is not None, guide_image_features is not None),
+                      group, options="image_ids/text_ids given, text_negatives, false_negative_ids, a guide",
+                      sizes_label=": images, texts, width, negatives per rank")
+    masked = CM.check_args(x, y, image_ids, text_ids, text_negatives, false_negative_ids, guide_image_features,
+                           guide_text_features, guide_text_negatives, guide_margin, guide_margin_strategy)
+    if masked is not None:
+        negatives, fn_ids, guide, margin, strategy, _ = masked
+        V.check_finite(image_features=x, text_features=y, text_negatives=negatives)
+        return ring_clip_loss_masked(x, y, scale, None if logit_bias is None else bias, normalize, group, negatives,
+                                     fn_ids, guide, margin, strategy, backend)
     iid, tid = V.check_ids(image_ids, text_ids, n, m, x)
     if iid is None and n != m:
         raise ValueError(f"image_features has batch {n} but text_features has batch {m}; the ring pairs image i "
@@ -221,3 +243,142 @@ def ring_clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, l
     lse = resolve("lse_pair", backend, x.device, n * m, x.dtype)()
     loss = _RingInfoNCE.apply(x, y, scale, torch.zeros((), device=x.device), iid, tid, r, c, lse, group)
     return V.plus_zero_bias(loss, None if logit_bias is None else bias)
+
+
+# ------------------------------------------------------------------ hard negatives and false-negative masks
+_TAG_MBLK = 16  # the masked ring's block parts (up to 4)
+
+
+class _RingMasked(torch.autograd.Function):
+    """The CLIP ring with hard-negative texts and false-negative masks (losses/clip_loss_masked.py has the math).
+    A block is rank r's keys [y_r; n_r] (M_l + K_l rows: its texts, then its negatives), with the texts'
+    false-negative ids, the guide's rows for them and the texts' guide thresholds thr_c when given; the column
+    statistics cover the M_l texts only (negatives enter the image→text softmax only). Row i's positive is text i
+    of the rank's own block (step 0: keep = arange there, no kept column in the others). As the plain ring: the
+    next block is posted before the block's compute, the statistics (forward) and gradient (backward) travel one
+    step behind."""
+
+    @staticmethod
+    def forward(ctx, x, keys, scale, m_l, iid, tid, gx, gkeys, thr_r, thr_c, lse, group):
+        rank, world = world_of(group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        n = x.shape[0]
+        acc = T.acc_dtype(x)
+        a, ac = scale.to(acc).expand(n).contiguous(), scale.to(acc).expand(keys.shape[0]).contiguous()
+        lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
+        blk = _masked_block(keys, tid, gkeys, thr_c)
+        col = None
+        for step in range(world):
+            ops, nblk, ncol = [], None, None
+            if step < world - 1:
+                nblk = empties(blk)
+                ops += shift_ops(blk, nblk, nxt, prv, _TAG_MBLK)
+            if step > 0:
+                ncol = torch.empty_like(col)
+                ops += shift_ops([col], [ncol], nxt, prv, _TAG_STAT)
+            pending = post(ops, group, x.device)
+            masks = _block_masks(blk, step == 0, n, m_l, iid, gx, thr_r)
+            lr, lc = lse(x, blk[0], a, ac, False, masks)
+            lse_r = torch.logaddexp(lse_r, lr.to(acc))
+            pending.wait()
+            col = lc.to(acc) if ncol is None else torch.logaddexp(ncol, lc.to(acc))
+            if nblk is not None:
+                blk = nblk
+        lse_c = _home(col, world, nxt, prv, group, x.device)
+        pos = (x.to(acc) * keys[:m_l].to(acc)).sum(dim=1)
+        total = ((lse_r - a * pos).sum() + (lse_c - a[:m_l] * pos).sum()).detach().clone()
+        dist.all_reduce(total, group=group)
+        ctx.group, ctx.n_global, ctx.m_l, ctx.lse = group, n * world, m_l, lse
+        ctx.save_for_backward(x, keys, a, ac, lse_r, lse_c, pos, iid, tid, gx, gkeys, thr_r, thr_c)
+        return total / (2 * n * world)
+
+    @staticmethod
+    def backward(ctx, g):
+        T.no_double_backward("ring_clip_loss with negatives or masks (ClipLoss(mode='ring'))", "ring",
+                             GATHER_ALTERNATIVE)
+        x, keys, a, ac, lse_r, lse_c, pos, iid, tid, gx, gkeys, thr_r, thr_c = ctx.saved_tensors
+        rank, world = world_of(ctx.group)
+        nxt, prv = (rank + 1) % world, (rank - 1) % world
+        n, m_l = x.shape[0], ctx.m_l
+        acc = a.dtype
+        w = (g.to(acc) * world / (2 * ctx.n_global)).expand(n).contiguous()  # world×: DDP averages (open_clip)
+        dx = torch.zeros(n, x.shape[1], dtype=acc, device=x.device)
+        dscale = torch.zeros((), dtype=acc, device=x.device)
+        blk = _masked_block(keys, tid, gkeys, thr_c) + [lse_c]
+        blk_dk = None
+        for step in range(world):
+            ops, nblk, ndk = [], None, None
+            if step < world - 1:
+                nblk = empties(blk)
+                ops += shift_ops(blk, nblk, nxt, prv, _TAG_MBLK)
+            if step > 0:
+                ndk = torch.empty_like(blk_dk)
+                ops += shift_ops([blk_dk], [ndk], nxt, prv, _TAG_STAT)
+            pending = post(ops, ctx.group, x.device)
+            masks = _block_masks(blk[:-1], step == 0, n, m_l, iid, gx, thr_r)
+            dxh, dkh, da, dc = ctx.lse.backward(w, w[:m_l], x, blk[0], a, ac, False, masks, lse_r, blk[-1],
+                                                acc_out=True)
+            dx += dxh
+            dscale = dscale + da.sum() + dc.sum()
+            pending.wait()
+            blk_dk = dkh.to(acc) if ndk is None else ndk + dkh.to(acc)
+            if nblk is not None:
+                blk = nblk
+        dk = _home(blk_dk, world, nxt, prv, ctx.group, x.device)
+        # the positive terms −a·pos appear once in each direction
+        dx = dx - (2 * w * a)[:, None] * keys[:m_l].to(acc)
+        dk[:m_l] -= (2 * w * a)[:, None] * x.to(acc)
+        dscale = dscale - (2 * w * pos).sum()
+        return (dx.to(x.dtype), dk.to(keys.dtype), dscale.reshape(())) + (None,) * 9
+
+
+def _masked_block(keys, tid, gkeys, thr_c):
+    """The parts of a block that travel: its keys, and the texts' ids, guide rows and thresholds when given."""
+    return [keys.contiguous()] + [t.contiguous() for t in (tid, gkeys, thr_c) if t is not None]
+
+
+def _block_masks(blk, own: bool, n: int, m_l: int, iid, gx, thr_r):
+    from ..primitives.lse_masked import Masks
+
+    parts = iter(blk[1:])
+    tid = next(parts) if iid is not None else None
+    gkeys, thr_c = (next(parts), next(parts)) if gx is not None else (None, None)
+    keep = torch.arange(n, device=blk[0].device) if own else None
+    return Masks(keep=keep, row_ids=iid, col_ids=tid, exclude_same=iid is not None, guide_x=gx, guide_y=gkeys,
+                 guide_normalize=True, thr_r=thr_r, thr_c=thr_c, n_stat=m_l)
+
+
+def _home(t: Tensor, world: int, nxt: int, prv: int, group, device) -> Tensor:
+    """Block r+1's accumulated part goes home; block r's arrives after its full turn."""
+    if world == 1:
+        return t
+    out = torch.empty_like(t)
+    post(shift_ops([t], [out], nxt, prv, _TAG_STAT), group, device).wait()
+    return out
+
+
+def ring_clip_loss_masked(x: Tensor, y: Tensor, scale: Tensor, bias, normalize: bool, group, negatives, fn_ids,
+                          guide, margin: float, strategy: str, backend: str) -> Tensor:
+    """:func:`ring_clip_loss` with ``text_negatives`` / ``false_negative_ids`` / a guide (checked by the caller):
+    the global loss of clip_loss with those arguments on the concatenated batch (every rank's negatives are
+    negatives of every image). The blocks run ``fastcontrast::lse_masked`` (the dispatcher's op "lse_masked",
+    told the call needs masks: the PyTorch tiles on csrc's backends, whose kernels have none)."""
+    from ..losses.clip_loss_masked import guide_thresholds
+
+    n, m = x.shape[0], y.shape[0]
+    if n != m:
+        raise ValueError(f"image_features has batch {n} but text_features has batch {m}; the ring pairs image i "
+                         "with text i")
+    acc = T.acc_dtype(x)
+    if normalize:  # in the accumulation dtype: fp32 for half inputs, float64 stays float64
+        x, y = F.normalize(x.to(acc), dim=-1).to(x.dtype), F.normalize(y.to(acc), dim=-1).to(y.dtype)
+        negatives = None if negatives is None else F.normalize(negatives.to(acc), dim=-1).to(negatives.dtype)
+    keys = y if negatives is None else torch.cat([y, negatives])
+    iid, tid = (None, None) if fn_ids is None else fn_ids
+    gx = gkeys = thr_r = thr_c = None
+    if guide is not None:
+        gx, gkeys = guide[0], guide[1] if guide[2] is None else torch.cat([guide[1], guide[2]])
+        thr_r, thr_c = guide_thresholds(guide[0], guide[1], None, m, margin, strategy)
+    lse = resolve("lse_masked", backend, x.device, n * keys.shape[0], x.dtype, needs=("masks",))()
+    loss = _RingMasked.apply(x, keys, scale, m, iid, tid, gx, gkeys, thr_r, thr_c, lse, group)
+    return V.plus_zero_bias(loss, bias)

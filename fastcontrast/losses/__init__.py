@@ -5,6 +5,7 @@ package registers every implementation with :mod:`fastcontrast.dispatch`.
 from . import (  # noqa: F401
     adaptive_temperature_clip_loss,
     clip_loss,
+    clip_loss_masked,
     codebook_loss,
     distill_clip_loss,
     lse_rows,

@@ -26,13 +26,14 @@ kernels of csrc/ lack the masks) or, for a call without masks on csrc's backends
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import _validation as V
-from ..dispatch import register, register_fused
+from .._amp import autocast_aware
+from ..dispatch import register, register_fused, resolve
 from ..primitives import lse_masked as LM
 from ..primitives import lse_pair as LP
 from ..primitives import tiles as T
@@ -132,7 +133,7 @@ def check_args(queries, keys, logit_scale, normalize, keep, row_ids, col_ids, ex
     if row_ids is not None and not exclude_same and not cells:
         raise ValueError("row_ids/col_ids given but unused: set exclude_same=True (drop same-group columns) or "
                          "hardness_cells (penalise by group)")
-    V.check_finite(queries=queries, keys=keys)
+    V.check_finite(queries=queries, keys=keys, guide_queries=gq, guide_keys=gk, guide_threshold=thr)
     return (queries, keys, scale, normalize, keep, row_ids, col_ids, exclude_same, gq, gk, thr, hard_cols,
             strength, cells)
 
@@ -244,7 +245,51 @@ def lse_rows_fused(queries, keys, logit_scale, normalize=False, keep=None, row_i
     return lse_r
 
 
+# ------------------------------------------------------------------------- the public function (functional.py)
+@autocast_aware("queries", "keys")
+def lse_rows(
+    queries: Tensor,
+    keys: Tensor,
+    logit_scale: Union[float, Tensor],
+    *,
+    normalize: bool = False,
+    keep: Optional[Tensor] = None,
+    row_ids: Optional[Tensor] = None,
+    col_ids: Optional[Tensor] = None,
+    exclude_same: bool = False,
+    guide_queries: Optional[Tensor] = None,
+    guide_keys: Optional[Tensor] = None,
+    guide_threshold: Optional[Tensor] = None,
+    hard_cols: Optional[Tensor] = None,
+    hardness_strength: float = 0.0,
+    hardness_cells=(),
+    backend: str = "auto",
+) -> Tensor:
+    """Masked row log-sum-exp: lse_i = log Σ_{j kept} exp(s·S_ij + pen_ij), S = q kᵀ (cosine when ``normalize``),
+    with gradients to queries, keys and a tensor ``logit_scale``; O((N+M)·D) memory on the fused backends.
+
+    queries (N, D), keys (M, D) -> (N,) float32 (float64 for float64 inputs). Column j is dropped from row i when
+    ``exclude_same`` and row_ids_i == col_ids_j (``row_ids`` (N,), ``col_ids`` (M,) int64: the same group), or
+    when ⟨gq_i, gk_j⟩ > guide_threshold_i (``guide_queries`` (N, Dg), ``guide_keys`` (M, Dg), ``guide_threshold``
+    (N,): GISTEmbed's false-negative rule; the guides L2-normalised when ``normalize``, no gradient) — but never
+    when j == keep_i (``keep`` (N,) int64: row i's positive column). ``hard_cols`` (M,) bool marks explicit
+    hard-negative columns; ``hardness_strength`` α adds α·sg(S_ij) to the logit of (i, j) when its cell is in
+    ``hardness_cells`` ⊆ {"same_inbatch", "same_hard", "other_inbatch", "other_hard"} ("same": row_ids_i ==
+    col_ids_j, "hard": hard_cols[j]); a value shift only (sentence-transformers 6.2.0's hardness_mode). A row
+    with every column dropped gives -inf. Math and sources: docs/math.md, fastcontrast/losses/lse_rows.py.
+    """
+    args = check_args(queries, keys, logit_scale, normalize, keep, row_ids, col_ids, exclude_same, guide_queries,
+                      guide_keys, guide_threshold, hard_cols, hardness_strength, hardness_cells)
+    n, m = queries.shape[0], keys.shape[0]
+    keep, bad = V.labels_guard(args[4], m)  # a keep outside [0, M): NaN, not a silently dropped positive
+    args = args[:4] + (keep,) + args[5:]
+    impl = resolve("lse_rows", backend, queries.device, n * m, queries.dtype,
+                   needs=needs(args[7], args[8], args[12], args[13]))
+    # a NaN guide score compares False (nothing dropped): a NaN guide poisons the result instead of vanishing
+    return V.poison(impl(*args), bad, V.nonfinite_flag(*args[8:11]))
+
+
 register("lse_rows", "reference")(lse_rows_reference)
 register("lse_rows", "dense")(lse_rows_dense)
 # csrc's kernels (cpu, cuda) have no masks: a masked call on those backends runs the PyTorch tiles (dispatch)
-register_fused("lse_rows", lse_rows_fused, csrc_lacks=("masks",), triton_lacks=("masks",))
+register_fused("lse_rows", lse_rows_fused, csrc_lacks=("masks",))

@@ -25,6 +25,11 @@ class ClipLoss(nn.Module):
     the features, the ring carries each text block's ids with it (global counts from one all-gather of the ids).
     Every call checks that all ranks hold the same local sizes and all or none pass ids: else the same
     ValueError on every rank.
+    ``text_negatives`` (K, D), ``false_negative_ids`` ((N,), (N,)), ``guide_image_features`` /
+    ``guide_text_features`` / ``guide_text_negatives`` (forward; this package's, see fastcontrast.clip_loss:
+    NegCLIP's hard negatives, false negatives by id, GISTEmbed's guide) with ``guide_margin`` and
+    ``guide_margin_strategy`` (constructor; used when a guide is passed): one process, or ``mode="ring"`` across
+    ranks (each block carries them); the gather mode refuses them.
     """
 
     def __init__(
@@ -38,21 +43,50 @@ class ClipLoss(nn.Module):
         backend: str = "auto",
         normalize: bool = False,
         mode: str = "gather",
+        guide_margin: float = 0.0,
+        guide_margin_strategy: str = "absolute",
     ):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod: horovod is not supported; fastcontrast uses torch.distributed")
         if mode not in ("gather", "ring"):
             raise ValueError(f"mode must be 'gather' or 'ring', got {mode!r}")
+        from ..losses.clip_loss_masked import STRATEGIES
+        from .._validation import check_positive_float
+
+        self.guide_margin = check_positive_float("guide_margin", guide_margin, allow_zero=True)
+        if guide_margin_strategy not in STRATEGIES:
+            raise ValueError(f"guide_margin_strategy must be one of {STRATEGIES}, got {guide_margin_strategy!r}")
+        self.guide_margin_strategy = guide_margin_strategy
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size = rank, world_size
         self.backend, self.normalize, self.mode = backend, normalize, mode
 
+    def _masked(self, image_features, text_features, logit_scale, logit_bias, image_ids, text_ids, extra):
+        """The loss with negatives / false-negative masks / a guide (``extra``: the forward's arguments)."""
+        if extra["guide_image_features"] is not None or extra["guide_text_features"] is not None:
+            extra = dict(extra, guide_margin=self.guide_margin, guide_margin_strategy=self.guide_margin_strategy)
+        if self.world_size > 1 and self.mode == "ring":
+            return D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize,
+                                    image_ids=image_ids, text_ids=text_ids, backend=self.backend, **extra)
+        if self.world_size > 1:
+            raise ValueError("text_negatives, false_negative_ids and the guide run in one process or with "
+                             "ClipLoss(mode='ring') across ranks; the gather mode does not take them")
+        return Fn.clip_loss(image_features, text_features, logit_scale, logit_bias, normalize=self.normalize,
+                            backend=self.backend, image_ids=image_ids, text_ids=text_ids, **extra)
+
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False,
-                image_ids=None, text_ids=None):
+                image_ids=None, text_ids=None, text_negatives=None, false_negative_ids=None,
+                guide_image_features=None, guide_text_features=None, guide_text_negatives=None):
         # Pair i <-> i, as open_clip. cache_labels is accepted for signature compatibility: the diagonal is
         # implicit in the fused ops, so there is nothing to cache. image_ids/text_ids (this package's): pairs with
         # equal ids are positives (fastcontrast.clip_loss), gathered with the features under torch.distributed.
+        extra = dict(text_negatives=text_negatives, false_negative_ids=false_negative_ids,
+                     guide_image_features=guide_image_features, guide_text_features=guide_text_features,
+                     guide_text_negatives=guide_text_negatives)
+        if any(v is not None for v in extra.values()):
+            loss = self._masked(image_features, text_features, logit_scale, logit_bias, image_ids, text_ids, extra)
+            return {"contrastive_loss": loss} if output_dict else loss
         if image_ids is not None or text_ids is not None:
             if self.world_size > 1 and self.mode == "ring":  # each text block carries its ids
                 loss = D.ring_clip_loss(image_features, text_features, logit_scale, logit_bias, self.normalize,

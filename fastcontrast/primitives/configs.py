@@ -46,7 +46,8 @@ _PLAIN = dict(FLAT=False, COL_SPLIT=False, GROUP=1)
 _HOPPER = dict(FLAT=True, COL_SPLIT=True, GROUP=8)
 LAUNCHER_KEYS = ("COL_SPLIT", "CTAS")  # read by the launcher, never passed to a kernel
 _STRUCT = {"_lse_fwd_kernel": ("FLAT", "COL_SPLIT", "CTAS"), "_grad_tile_kernel": ("GROUP",),
-           "_hinge_fwd_kernel": ("FLAT",)}
+           "_hinge_fwd_kernel": ("FLAT",), "_lse_masked_fwd_kernel": ("COL_SPLIT", "CTAS"),
+           "_masked_grad_tile_kernel": ("GROUP",)}
 
 
 def _pairwise(c16: dict, c32: dict = _PAIR32, **per_arch16) -> Dict[Tuple[str, str], dict]:
@@ -73,6 +74,10 @@ _BASELINE = _with({
     "_hinge_grad_tile_kernel": _pairwise(_WIDE16),
     "_hinge_pair_fwd_kernel": _pairwise(_PAIR16),
     "_hinge_pair_grad_tile_kernel": _pairwise(_PAIR16),
+    # the masked log-sum-exp (primitives/lse_masked_triton.py): the InfoNCE tiles; a guide's K loop gets half the
+    # K-chunk when its elements are wider than the features' (the launcher's _guide_k)
+    "_lse_masked_fwd_kernel": _pairwise(_PAIR16),
+    "_masked_grad_tile_kernel": _pairwise(_PAIR16),
     "_softplus_rows_kernel": _pairwise(_WIDE16),
     "_sigmoid_grad_tile_kernel": _pairwise(_WIDE16),
     # Matryoshka (primitives/matryoshka_triton.py): the InfoNCE tiles; the prefixes' row statistics add 2·P floats
@@ -90,10 +95,10 @@ def _hopper(wide16: dict, flags: dict) -> Dict[str, Dict[Tuple[str, str], dict]]
     hop = {"sm90": wide16, "sm100": wide16}
     # sm_100's _grad_tile_kernel keeps 128×64: at 128×128 its epilogue (P, Q, G from the TMEM accumulator)
     # spills 640 B at 255 registers (aot, Triton 3.9); sm_100 has no HGMMA-width requirement
-    narrow100 = ("_grad_tile_kernel",)
+    narrow100 = ("_grad_tile_kernel", "_masked_grad_tile_kernel")
     s_tile = ("_lse_fwd_kernel", "_grad_tile_kernel", "_hinge_fwd_kernel", "_hinge_grad_tile_kernel",
               "_hinge_pair_fwd_kernel", "_hinge_pair_grad_tile_kernel", "_softplus_rows_kernel",
-              "_sigmoid_grad_tile_kernel")
+              "_sigmoid_grad_tile_kernel", "_lse_masked_fwd_kernel", "_masked_grad_tile_kernel")
     t = {k: ({key: dict(hop.get(key[0], cfg)) if key[1] == "16" and not (k in narrow100 and key[0] == "sm100")
               else dict(cfg) for key, cfg in by.items()}
              if k in s_tile else by) for k, by in _BASELINE.items()}
@@ -162,13 +167,18 @@ UNALIGNED: Dict[str, Dict[str, dict]] = {  # kernel -> dtype class -> tile
     "_lse_fwd_kernel": {"16": _PAIR16},
     "_grad_tile_kernel": {"16": _PAIR16},
     "_sigmoid_grad_tile_kernel": {"16": _PAIR16},
+    "_lse_masked_fwd_kernel": {"16": _PAIR16},
+    "_masked_grad_tile_kernel": {"16": _PAIR16},
     "_lse_axis_kernel": {"16": dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=3),
                          "32": dict(BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=3)},
 }
 # the integer arguments whose alignment decides it (the row width and the row strides)
 ALIGN_ARGS = {"_lse_fwd_kernel": ("D", "DT", "stride_am", "stride_bm"),
               "_grad_tile_kernel": ("D", "DT", "stride_am", "stride_bm"),
-              "_sigmoid_grad_tile_kernel": ("D", "stride_am", "stride_bm"), "_lse_axis_kernel": ("C", "stride_r")}
+              "_sigmoid_grad_tile_kernel": ("D", "stride_am", "stride_bm"), "_lse_axis_kernel": ("C", "stride_r"),
+              # the guide's width and strides count where a guide is launched (the launcher passes them then)
+              "_lse_masked_fwd_kernel": ("D", "DG", "stride_am", "stride_bm", "stride_ga", "stride_gb"),
+              "_masked_grad_tile_kernel": ("D", "DG", "stride_am", "stride_bm", "stride_ga", "stride_gb")}
 
 
 def is_aligned(kernel: str, **ints: int) -> bool:

@@ -36,9 +36,13 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import configs as C
 from . import tiles as T
 from .fused_op import DoubleBackward, fused_op
 from .triton_support import triton
+
+if triton is not None:
+    from . import lse_masked_triton as K
 
 KERNELS = ("triton", "tiles")
 _NEG_INF = float("-inf")
@@ -211,6 +215,112 @@ def _torch_grad_tiles(xh, yh, gx, gy, a, c, m: Masks, lse_r, lse_c, g_r, g_c, si
     return fill
 
 
+# ----------------------------------------------------------------------------------------------- Triton launch
+_LN2 = 0.6931471805599453
+
+
+def _kernel_operands(x, y, a, c, normalize, m: Masks):
+    """The kernels' arguments shared by forward and backward: contiguous features and fp32 vectors, a 1-element
+    dummy for what a launch does not use (its constexpr switch off: never read), the switches."""
+    f32 = x.new_empty(1, dtype=torch.float32)
+    i64 = x.new_empty(1, dtype=torch.int64)
+
+    def vec(t, dummy, dtype=torch.float32):
+        return dummy if t is None else t.to(dtype).contiguous()
+
+    guide = m.guide_x is not None
+    gx = m.guide_x.contiguous() if guide else f32
+    gy = m.guide_y.contiguous() if guide else f32
+    ptrs = (x.contiguous(), y.contiguous(), T.inv_token_norms(x, 1) if normalize else f32,
+            T.inv_token_norms(y, 1) if normalize else f32, a.float().contiguous(), c.float().contiguous(), gx, gy,
+            T.inv_token_norms(m.guide_x, 1) if guide and m.guide_normalize else f32,
+            T.inv_token_norms(m.guide_y, 1) if guide and m.guide_normalize else f32,
+            vec(m.keep, i64, torch.int64), vec(m.row_ids, i64, torch.int64), vec(m.col_ids, i64, torch.int64),
+            vec(m.thr_r, f32), vec(m.thr_c, f32), vec(m.pen_same, f32), vec(m.pen_other, f32))
+    n_id = 0 if m.col_ids is None else m.col_ids.shape[0]
+    dg = gx.shape[1] if guide else 1
+    flags = dict(NORM=normalize, GNORM=guide and m.guide_normalize, HAS_KEEP=m.keep is not None,
+                 IDS=m.row_ids is not None, EXCL=m.exclude_same, GUIDE=guide, HARD=m.pen_same is not None,
+                 COLS=m.n_stat > 0, PRECISION=T.precision(x.dtype), UPCAST=T.upcast(x),
+                 GPRECISION=T.precision(gx.dtype) if guide else "ieee", GUPCAST=T.upcast(gx) if guide else False)
+    strides = (ptrs[0].stride(0), ptrs[1].stride(0), gx.stride(0) if guide else 1, gy.stride(0) if guide else 1)
+    # what decides the tile (configs.is_aligned): the row widths and strides, the guide's only where it is read
+    align = dict(D=x.shape[1], stride_am=strides[0], stride_bm=strides[1])
+    if guide:
+        align.update(DG=dg, stride_ga=strides[2], stride_gb=strides[3])
+    return ptrs, (n_id, m.n_stat, x.shape[1], dg), strides, flags, align
+
+
+def _guide_k(cfg: dict, x: Tensor, m: Masks) -> int:
+    """The guide loop's K-chunk: the features' BLOCK_K, halved for a guide with wider elements than the features
+    (an fp32 guide beside bf16 features), so that its pipeline stages fit the shared memory the table sized."""
+    if m.guide_x is not None and m.guide_x.element_size() > x.element_size():
+        return max(16, cfg["BLOCK_K"] * x.element_size() // m.guide_x.element_size())
+    return cfg["BLOCK_K"]
+
+
+def _merge(top_parts: Tensor, sum_parts: Tensor) -> Tensor:
+    """log Σ over partial (max, Σ2^(z − max)) pairs (base 2 in, base e out); -inf where every part is empty."""
+    top = top_parts.amax(dim=0)
+    safe = torch.where(top == _NEG_INF, 0.0, top)
+    return (safe + torch.log2((sum_parts * torch.exp2(top_parts - safe)).sum(dim=0))) * _LN2
+
+
+def _triton_fwd(x, y, a, c, normalize, m: Masks):
+    from .lse_pair import _column_split
+
+    n, mm, k = x.shape[0], y.shape[0], m.n_stat
+    ptrs, ints, strides, flags, align = _kernel_operands(x, y, a, c, normalize, m)
+    al = C.is_aligned("_lse_masked_fwd_kernel", **align)
+    full = C.config("_lse_masked_fwd_kernel", x.device, x.dtype, al)
+    cfg, warps, stages = C.launch("_lse_masked_fwd_kernel", x.device, x.dtype, al)
+    n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    split = _column_split(n_blocks, triton.cdiv(mm, cfg["BLOCK_N"]), x.device, full)
+    lse_r = torch.empty(n, device=x.device, dtype=torch.float32)
+    pmax = torch.empty(n_blocks, max(k, 1), device=x.device, dtype=torch.float32)
+    psum = torch.empty_like(pmax)
+    rmax = torch.empty(split, n, device=x.device, dtype=torch.float32) if split > 1 else lse_r[:1]
+    rsum = torch.empty(split, n, device=x.device, dtype=torch.float32) if split > 1 else lse_r[:1]
+    K._lse_masked_fwd_kernel[(n_blocks, split)](
+        *ptrs, lse_r, pmax, psum, rmax, rsum, n, mm, *ints, *strides, pmax.stride(0), **flags,
+        BLOCK_KG=_guide_k(cfg, x, m), num_warps=warps, num_stages=stages, **cfg)
+    if split > 1:
+        lse_r = _merge(rmax, rsum)
+    lse_c = _merge(pmax, psum) if k else lse_r.new_empty(0)
+    return lse_r, lse_c
+
+
+def _triton_grad_tiles(x, y, a, c, normalize, m: Masks, lse_r, lse_c, g_r, g_c, sigma):
+    """(x̂, ŷ in the features' dtype for the slab GEMMs, fill): fill(r0, rc, slab, da, dc) writes σ·G for rows
+    r0:r0+rc; the scale gradients from per-tile partials summed in a fixed order (no float atomics)."""
+    n, mm, k = x.shape[0], y.shape[0], m.n_stat
+    ptrs, ints, strides, flags, align = _kernel_operands(x, y, a, c, normalize, m)
+    al = C.is_aligned("_masked_grad_tile_kernel", **align)
+    cfg, warps, stages = C.launch("_masked_grad_tile_kernel", x.device, x.dtype, al)
+    lr = _safe_lse(lse_r.float()).contiguous()
+    lc = _safe_lse(lse_c.float()).contiguous() if k else lr[:1]
+    gr, gc = g_r.float().contiguous(), (g_c.float().contiguous() if k else lr[:1])
+    sig = sigma.float().reshape(1)
+    xh = T.apply_tokens(x, T.inv_token_norms(x, 1)).to(x.dtype) if normalize else x
+    yh = T.apply_tokens(y, T.inv_token_norms(y, 1)).to(y.dtype) if normalize else y
+    parts = []
+
+    def fill(r0, rc, slab, da, dc):
+        grid = (triton.cdiv(rc, cfg["BLOCK_M"]), triton.cdiv(mm, cfg["BLOCK_N"]))
+        if not parts:  # the first slab is the tallest
+            parts.extend([torch.empty(grid[1], rc, device=x.device, dtype=torch.float32),
+                          torch.empty(grid[0], max(k, 1), device=x.device, dtype=torch.float32)])
+        pa, pb = parts
+        K._masked_grad_tile_kernel[grid](
+            *ptrs, lr, lc, gr, gc, sig, slab, pa, pb, r0, rc, mm, *ints, *strides, slab.stride(0), pa.stride(0),
+            pb.stride(0), **flags, BLOCK_KG=_guide_k(cfg, x, m), num_warps=warps, num_stages=stages, **cfg)
+        torch.sum(pa[:, :rc], dim=0, out=da[r0:r0 + rc])  # every row of a slab is in no other slab
+        if k:
+            dc[:k] += pb[:grid[0], :k].sum(dim=0)
+
+    return xh, yh, fill
+
+
 # ------------------------------------------------------------------------------------------------ the fused op
 def _check_kernel(name: str, kernel: str) -> None:
     if kernel not in KERNELS:
@@ -230,9 +340,7 @@ def _forward(x: Tensor, y: Tensor, a: Tensor, c: Tensor, normalize: bool, keep: 
               pen_other, n_stat)
     check_masks(x, y, m)
     if kernel == "triton":
-        from .lse_masked_launch import triton_forward
-
-        return triton_forward(x, y, a, c, normalize, m)
+        return _triton_fwd(x, y, a, c, normalize, m)
     return _torch_fwd(x, y, a, c, normalize, m)
 
 
@@ -266,9 +374,7 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
     da = torch.zeros(n, dtype=acc, device=x.device)
     dc = torch.zeros(mm, dtype=acc, device=x.device)
     if kernel == "triton":
-        from .lse_masked_launch import triton_grad_tiles
-
-        xh, yh, fill = triton_grad_tiles(x, y, a_, c_, normalize, m, lse_r, lse_c, g_r, g_c, sigma)
+        xh, yh, fill = _triton_grad_tiles(x, y, a_, c_, normalize, m, lse_r, lse_c, g_r, g_c, sigma)
     else:
         xh, yh, gx, gy, a_, c_ = _operands(x, y, a, c, normalize, m)
         fill = _torch_grad_tiles(xh, yh, gx, gy, a_, c_, m, lse_r.to(acc), lse_c.to(acc), g_r, g_c, sigma)
