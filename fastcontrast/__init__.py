@@ -14,6 +14,8 @@ from .functional import (
     density_temperature,
     distill_clip_loss,
     lse_rows,
+    matryoshka_ce_rows,
+    matryoshka_clip_loss,
     max_margin_loss,
     mmts_temperature,
     momentum_contrastive_loss,
@@ -44,6 +46,7 @@ __all__ = [
     "ClipLoss", "SigLipLoss", "ObliqueClipLoss", "MMTSClipLoss", "MMTSMaxMarginLoss", "DensityTemperatureClipLoss",
     "MaxMarginLoss", "CodebookLoss", "CodisLoss", "FeatureQueue", "EMATeacher", "momentum_contrastive_loss",
     "distill_clip_loss", "DistillClipLoss", "lse_rows",
+    "matryoshka_ce_rows", "matryoshka_clip_loss",
     "GradCache",
     "BACKENDS", "BackendUnavailableError", "available_backends", "debug", "debug_enabled", "set_debug",
 ]

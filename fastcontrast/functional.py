@@ -15,6 +15,7 @@ from ._amp import autocast_aware
 from .dispatch import resolve
 from .losses.codebook_loss import teacher_scores
 from .losses.lse_rows import lse_rows  # noqa: F401  (public, defined there)
+from .losses.matryoshka_api import matryoshka_ce_rows, matryoshka_clip_loss  # noqa: F401  (public, defined there)
 from .losses.temperature import cosine_schedule, density_to_temperature
 
 Scalar = Union[float, torch.Tensor]
@@ -574,5 +575,5 @@ def _perplexity(usage: torch.Tensor) -> float:
 __all__ = [
     "clip_loss", "siglip_loss", "oblique_clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss",
     "density_temperature", "mmts_temperature", "sinkhorn", "codebook_loss", "momentum_contrastive_loss",
-    "cosine_schedule", "distill_clip_loss", "lse_rows",
+    "cosine_schedule", "distill_clip_loss", "lse_rows", "matryoshka_ce_rows", "matryoshka_clip_loss",
 ]

@@ -143,6 +143,23 @@ def _distill(g, dev, dt, n, m, d, k):
             "teacher_logit_scale": torch.tensor(4.0, dtype=_f32(dt), device=dev)}
 
 
+def _matryoshka_dims(d):  # the halvings down to d/8, largest first (d = 40: 40, 20, 10, 5: ends inside a K-chunk)
+    return tuple(sorted({v for v in (d, d // 2, d // 4, d // 8) if v >= 1}, reverse=True))
+
+
+def _matryoshka_ce_rows(g, dev, dt, n, m, d, k):  # MNRL: N queries against M keys (positives + hard negatives)
+    dims = _matryoshka_dims(d)
+    return {"queries": _randn(g, (n, d), dev, dt), "keys": _randn(g, (m, d), dev, dt),
+            "logit_scale": torch.tensor(7.5, dtype=_f32(dt), device=dev),
+            "labels": torch.randint(0, m, (n,), generator=g).to(dev), "dims": dims,
+            "weights": tuple(1.0 / (1 + i) for i in range(len(dims)))}
+
+
+def _matryoshka_clip(g, dev, dt, n, m, d, k):
+    dims = _matryoshka_dims(d)
+    return dict(_pair(g, dev, dt, n, m, d, k), dims=dims, weights=tuple(1.0 + 0.5 * i for i in range(len(dims))))
+
+
 # ------------------------------------------------------------------------------------------ bench inputs
 def _codes(n: int) -> int:
     return max(16, min(4096, n // 4))
@@ -254,6 +271,8 @@ OPS: Tuple[OpInfo, ...] = (
            bytes=lambda n, d, elt: 8 * n * d * elt),
     OpInfo("distill_clip_loss", Fn.distill_clip_loss, "distill", _distill, bench=True, bench_make=_b_distill,
            **_DISTILL_FLOPS),
+    OpInfo("matryoshka_ce_rows", Fn.matryoshka_ce_rows, "matryoshka_ce_rows", _matryoshka_ce_rows),
+    OpInfo("matryoshka_clip_loss", Fn.matryoshka_clip_loss, "matryoshka_clip", _matryoshka_clip),
 )
 OP: Dict[str, OpInfo] = {o.name: o for o in OPS}
 

@@ -144,6 +144,9 @@ LABEL_CALLS = {
     "adaptive_temperature_clip_loss": lambda x, y, s, lab, b: fc.adaptive_temperature_clip_loss(
         x, y, 1 / s, torch.full((y.shape[0],), 0.3), labels=lab, backend=b),
     "max_margin_loss": lambda x, y, s, lab, b: fc.max_margin_loss(x, y, 0.2 * s, labels=lab, backend=b),
+    "matryoshka_ce_rows": lambda x, y, s, lab, b: fc.matryoshka_ce_rows(x, y, s, labels=lab, dims=(8, 3), backend=b),
+    "matryoshka_clip_loss": lambda x, y, s, lab, b: fc.matryoshka_clip_loss(x, y, s, dims=(8, 3), labels=lab,
+                                                                            backend=b),
 }
 NO_LABELS = ("codebook_loss", "momentum_contrastive_loss", "distill_clip_loss")  # positives are fixed (i ↔ i)
 

@@ -89,6 +89,15 @@ def _ce_rows(g):
             dict(a=_r(g, N, D), b=_r(g, M, D), s=torch.tensor(4.0, dtype=torch.float64)))
 
 
+def _matryoshka(kind):
+    def make(g):  # D = 8: prefix ends 8, 5, 2 (two inside the interpreter's 32-wide K-chunk)
+        lab = _ids(g, N, M)
+        fn = Fn.matryoshka_ce_rows if kind == "ce_rows" else Fn.matryoshka_clip_loss
+        return (lambda be, x, y, s: fn(x, y, s, labels=lab, dims=(8, 5, 2), weights=(1.0, 0.5, 2.0), backend=be),
+                dict(x=_r(g, N, D), y=_r(g, M, D), s=torch.tensor(4.0, dtype=torch.float64)))
+    return make
+
+
 def _siglip(g):
     lab = _ids(g, N, M)
     return (lambda be, x, y, s, b: Fn.siglip_loss(x, y, s, b, labels=lab, backend=be),
@@ -135,6 +144,7 @@ _BUILDERS = {
     "max_margin_loss(labels)": _margin("labels"), "max_margin_loss(diagonal)": _margin("diagonal"),
     "max_margin_loss(hardest)": _margin("hardest"), "codebook_loss": _codebook,
     "momentum_contrastive_loss": _momentum, "distill_clip_loss": _distill,
+    "matryoshka_ce_rows": _matryoshka("ce_rows"), "matryoshka_clip_loss(labels)": _matryoshka("clip"),
 }
 # name -> (the dispatcher op, from the one op list; the builder of its inputs)
 CASES = {name: (dispatch_of(name if name in oplist.OP else name.split("(")[0]), make)

@@ -139,6 +139,21 @@ def _distill(g, dt, dev):
     return loss, (x, y, torch.tensor(1.5, dtype=dt, device=dev))
 
 
+def _matryoshka_ce_rows(g, dt, dev):
+    q, k = _r(g, N, D, dtype=dt, device=dev), _r(g, M, D, dtype=dt, device=dev)
+    s, w = torch.tensor(2.0, dtype=dt, device=dev), torch.tensor([1.0, 0.5, 2.0], dtype=dt, device=dev)
+    lab = _ids(4, 1, 1, 0, device=dev)
+    return (lambda be, q, k, s, w: Fn.matryoshka_ce_rows(q, k, s, labels=lab, dims=(4, 3, 2), weights=w, backend=be),
+            (q, k, s, w))
+
+
+def _matryoshka_clip(g, dt, dev):
+    x, y = _r(g, N, D, dtype=dt, device=dev), _r(g, M, D, dtype=dt, device=dev)
+    s, lab = torch.tensor(1.5, dtype=dt, device=dev), _ids(2, 0, 4, 0, device=dev)
+    return (lambda be, x, y, s: Fn.matryoshka_clip_loss(x, y, s, dims=(4, 2), weights=(0.5, 1.0), normalize=False,
+                                                        labels=lab, backend=be)), (x, y, s)
+
+
 _BUILDERS = {
     "clip_loss": _clip, "clip_loss(labels,bias,normalize)": _clip_labels, "clip_loss(ids)": _clip_ids,
     "oblique_clip_loss": _oblique, "adaptive_temperature_clip_loss": _adaptive, "siglip_loss": _siglip,
@@ -146,6 +161,7 @@ _BUILDERS = {
     "siglip_loss(ids,inverse_count)": _siglip_plus, "ce_rows": _ce_rows, "max_margin_loss(per-pair margin)": _margin,
     "max_margin_loss(labels,sum)": _margin_labels, "max_margin_loss(hardest)": _margin_hardest,
     "codebook_loss": _codebook, "momentum_contrastive_loss": _momentum, "distill_clip_loss": _distill,
+    "matryoshka_ce_rows": _matryoshka_ce_rows, "matryoshka_clip_loss(labels,dot)": _matryoshka_clip,
 }
 # name -> (the dispatcher op, from the one op list; the builder of its inputs)
 CASES = {name: (dispatch_of(name.split("(")[0] if name not in oplist.OP else name), make)

@@ -43,6 +43,8 @@ _FUZZED = {
     "max_margin_loss": (2, "margin", False, None),
     "momentum_contrastive_loss": (2, "logit_scale", False, None),
     "distill_clip_loss": (2, "logit_scale", False, False),
+    "matryoshka_ce_rows": (2, "logit_scale", False, None),
+    "matryoshka_clip_loss": (2, "logit_scale", False, None),
 }
 OPS = {name: (dispatch_of(name),) + spec for name, spec in _FUZZED.items()}  # dispatcher ops: the op list's
 # codebook_loss: its Sinkhorn targets are a non-smooth function of the teacher (argmax-like at small ε), so a
@@ -109,7 +111,8 @@ def _inputs(c):
     kw, rkw = {}, {}
     for name, a, r in zip(FEATURE_NAMES[rank], leaves, refs):
         kw[name], rkw[name] = a, r
-    rename = {"ce_rows": ("a", "b"), "momentum_contrastive_loss": ("query", "keys")}.get(op)
+    rename = {"ce_rows": ("a", "b"), "momentum_contrastive_loss": ("query", "keys"),
+              "matryoshka_ce_rows": ("queries", "keys")}.get(op)
     if rename:
         kw[rename[0]], kw[rename[1]] = kw.pop("image_features"), kw.pop("text_features")
         rkw[rename[0]], rkw[rename[1]] = rkw.pop("image_features"), rkw.pop("text_features")
@@ -138,8 +141,11 @@ def _inputs(c):
         if c["labels"] == "bad":
             labels[c["special_at"] % c["n"]] = c["bad_label"]
         kw["labels"] = rkw["labels"] = labels
-    if op in ("clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss"):
+    if op in ("clip_loss", "adaptive_temperature_clip_loss", "max_margin_loss", "matryoshka_ce_rows",
+              "matryoshka_clip_loss"):
         kw["normalize"] = rkw["normalize"] = c["normalize"]
+    if op.startswith("matryoshka"):  # prefixes d, d/2, 1 (fewer where they coincide), weights 1
+        kw["dims"] = rkw["dims"] = tuple(sorted({c["d"], max(1, c["d"] // 2), 1}, reverse=True))
     if op == "max_margin_loss":
         kw["hardest"] = rkw["hardest"] = c["hardest"]
     return kw, rkw, leaves, refs
@@ -148,7 +154,8 @@ def _inputs(c):
 FN = {"clip_loss": fc.clip_loss, "siglip_loss": fc.siglip_loss, "ce_rows": Fn.ce_rows,
       "oblique_clip_loss": fc.oblique_clip_loss, "adaptive_temperature_clip_loss": fc.adaptive_temperature_clip_loss,
       "max_margin_loss": fc.max_margin_loss, "momentum_contrastive_loss": fc.momentum_contrastive_loss,
-      "distill_clip_loss": fc.distill_clip_loss}
+      "distill_clip_loss": fc.distill_clip_loss, "matryoshka_ce_rows": fc.matryoshka_ce_rows,
+      "matryoshka_clip_loss": fc.matryoshka_clip_loss}
 
 
 def _normed(t, tokens):
@@ -159,7 +166,7 @@ def _term_size(c, rkw) -> float:
     """The size of the terms the loss adds up: |scale|·max|S_ij| + |bias| + 1 (for the hinge: max|S_ij| +
     |margin| + 1), from the float64 inputs. Rounding is relative to it, not to a loss that cancels to ~0."""
     x, y = [t.detach() for k, t in rkw.items() if k in ("image_features", "text_features", "image_tokens",
-                                                          "text_tokens", "a", "b", "query", "keys")]
+                                                          "text_tokens", "a", "b", "query", "keys", "queries")]
     if "queue" in rkw:
         y = torch.cat([y, rkw["queue"]])
     if c["normalize"]:

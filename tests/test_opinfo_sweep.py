@@ -140,6 +140,19 @@ def _distill(shape, g):
             "teacher_text_features": _rn(g, m, dt)}, {}
 
 
+def _matryoshka(shape, g, names=("image_features", "text_features")):
+    """Prefix ends inside the features (d = 16: 16, 8, 3; d = 13: 13, 6, 2; d = 1: 1), weights one per dim."""
+    n, m, d, _ = SHAPES[shape]
+    dims = tuple(sorted({d, max(1, d // 2), max(1, d // 5)}, reverse=True))
+    other = {"dims": dims, "weights": tuple(0.5 + i for i in range(len(dims)))}
+    feats = {names[0]: _rn(g, n, d), names[1]: _rn(g, m, d)}
+    return feats, dict(other, **_positives(g, n, m, shape))
+
+
+def _matryoshka_ce_rows(shape, g):
+    return _matryoshka(shape, g, ("queries", "keys"))
+
+
 def _scale(**refuse):
     return Scalar(SCALE, refuse={**REQUIRED("logit_scale"), **refuse})
 
@@ -192,6 +205,10 @@ OPS = [
        {"tau": Scalar(TAU_T, base="float", refuse=NUMBER_ONLY("tau"))}, fixed={"epsilon": 0.25, "n_iters": 4}),
     Op("momentum_contrastive_loss", *_src("momentum_contrastive_loss"), _momentum,
        {"logit_scale": _scale()}, fixed={"alpha": 0.4}),
+    Op("matryoshka_ce_rows", *_src("matryoshka_ce_rows"), _matryoshka_ce_rows, {"logit_scale": _scale()}),
+    Op("matryoshka_clip_loss", *_src("matryoshka_clip_loss"), _matryoshka, {"logit_scale": _scale()}),
+    Op("matryoshka_clip_loss(dot)", *_src("matryoshka_clip_loss"), _matryoshka, {"logit_scale": _scale()},
+       shapes=("ragged",), fixed={"normalize": False}),
     Op("distill_clip_loss", *_src("distill_clip_loss"), _distill,
        {"logit_scale": _scale(), "teacher_logit_scale": Scalar(2.0, refuse=REQUIRED("teacher_logit_scale"))},
        refuse_shape={"ragged": (ValueError, "distill_clip_loss pairs image i with text i: batches must match")}),

@@ -104,3 +104,79 @@ def test_margin_hardest_executes_one_unit(backend, labelled, dot_flops):
                                N, m, D, dot_flops)
     assert total == pytest.approx(1.0), (total, in_kernels)  # one sweep; the gradient is gathers, no GEMM
     assert in_kernels == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------- fused Matryoshka (issue 27, point 3)
+MD = 256
+MDIMS = (MD, MD // 2, MD // 4, MD // 8, MD // 16)  # the five sizes of the issue's goal: d, d/2, d/4, d/8, d/16
+MWEIGHTS = (1.0, 0.5, 2.0, 0.25, 1.5)
+
+
+def _m_inputs(kind):
+    g = torch.Generator().manual_seed(4)
+    m = M if kind == "ce_rows" else N
+    x = torch.randn(N, MD, generator=g, dtype=torch.float64)
+    y = torch.randn(m, MD, generator=g, dtype=torch.float64)
+    return x, y, torch.tensor(6.0, dtype=torch.float64), torch.randint(0, m, (N,), generator=g)
+
+
+def _tiles_units(fn, n, m):
+    """GEMM units of one forward + backward of ``fn(x, y)`` (fresh leaves), with its loss."""
+    with MatmulFlops() as mm:
+        loss = fn()
+        loss.backward()
+    return mm.flops / (2 * n * m * MD), loss
+
+
+def _single(kind, x, y, s, labels, d):
+    """fastcontrast's own loss at prefix d on the tiles path (the PyTorch form of the fused kernels)."""
+    from fastcontrast.dispatch import kernel_impl
+
+    xd, yd = (t[:, :d].detach().clone().requires_grad_() for t in (x, y))
+    if kind == "ce_rows":
+        nx, ny = torch.nn.functional.normalize(xd, dim=-1), torch.nn.functional.normalize(yd, dim=-1)
+        return lambda: kernel_impl("ce_rows", "tiles")(nx, ny, s, None, labels)
+    n, m = xd.shape[0], yd.shape[0]
+    return lambda: kernel_impl("infonce", "tiles")(xd, yd, s.expand(n), s.expand(m), None, labels, True, 1)
+
+
+@pytest.mark.parametrize("kind", ["ce_rows", "clip"])
+def test_matryoshka_tiles_cost_one_loss_and_equal_the_separate_losses(kind):
+    """The tiles path (what the Triton kernels do, in PyTorch): the fused Matryoshka at dims (d, d/2, d/4, d/8, d/16)
+    executes 4 units (one sweep with checkpoints, one recompute, the band GEMMs once over d), the full-size loss 4,
+    the five separate losses 4·(1 + 1/2 + 1/4 + 1/8 + 1/16) = 7.75 (1.94×); goal ≤ 1.25×. And it is their weighted
+    sum, float64 to 1e-10."""
+    from fastcontrast.dispatch import kernel_impl
+
+    x, y, s, labels = _m_inputs(kind)
+    n, m = x.shape[0], y.shape[0]
+    op = "matryoshka_ce_rows" if kind == "ce_rows" else "matryoshka_clip"
+    xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
+    fused, loss = _tiles_units(lambda: kernel_impl(op, "tiles")(xl, yl, s, labels, MDIMS,
+                                                                torch.tensor(MWEIGHTS, dtype=torch.float64), True),
+                               n, m)
+    full, _ = _tiles_units(_single(kind, x, y, s, labels, MD), n, m)
+    separate, want = 0.0, 0.0
+    for d, w in zip(MDIMS, MWEIGHTS):
+        units, one = _tiles_units(_single(kind, x, y, s, labels, d), n, m)
+        separate, want = separate + units, want + w * float(one.detach())
+    assert full == pytest.approx(4.0) and fused == pytest.approx(4.0), (full, fused)
+    assert separate / full == pytest.approx(1.9375)
+    assert fused / full <= 1.25
+    assert abs(float(loss) - want) <= 1e-10 * abs(want), (float(loss), want)
+
+
+@pytest.mark.parametrize("kind", ["ce_rows", "clip"])
+def test_matryoshka_triton_units(kind, dot_flops):
+    """The Triton kernels: the forward sweep and the backward's recompute each run every chunk of the checkpoint
+    schedule (a band narrower than the interpreter's 32-wide K-chunk costs a whole chunk: 9 chunks for 8 here, none
+    extra at the GPU's K-chunks of 32/64 for dims that are multiples of them), plus the band GEMMs (2 units)."""
+    x, y, s, labels = _m_inputs(kind)
+    xf, yf = x.float().requires_grad_(), y.float().requires_grad_()
+    fn = fc.matryoshka_ce_rows if kind == "ce_rows" else fc.matryoshka_clip_loss
+    call = (lambda: fn(xf, yf, s.float(), labels=labels, dims=MDIMS, weights=MWEIGHTS, backend="triton"))
+    total, in_kernels = _units(call, N, yf.shape[0], MD, dot_flops)
+    chunks = 9 / 8  # the bands 16, 16, 32, 64, 128 wide in chunks of 32
+    assert in_kernels == pytest.approx(2 * chunks), (total, in_kernels)
+    assert total == pytest.approx(2 * chunks + 2.0), (total, in_kernels)
+    assert total / 4.0 <= 1.25
