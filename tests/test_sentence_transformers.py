@@ -196,6 +196,16 @@ def test_mnrl_similarity_and_dtype(fcst, calls, models, sim, dtype, negatives):
         hardness_mode="all_negatives", hardness_strength=2.0), models, dtype=dtype, negatives=negatives)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_mnrl_batch_of_one(fcst, calls, models, cached):
+    """One query in the batch: query_to_query and doc_to_doc have no column left (their lse is -inf)."""
+    kw = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+              hardness_mode="all_negatives", hardness_strength=2.0)
+    compare(fcst, calls, lambda m, g: (st_losses().CachedMultipleNegativesRankingLoss(m, mini_batch_size=2, **kw)
+                                       if cached else st_losses().MultipleNegativesRankingLoss(m, **kw)),
+            models, n=1, negatives=1)
+
+
 def test_symmetric_mnrl(fcst, calls, models):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -255,6 +265,20 @@ def test_cached_gist_every_option(fcst, calls, models, margin, contrast, negativ
     compare(fcst, calls, lambda m, g: st_losses().CachedGISTEmbedLoss(
         m, g, temperature=0.05, mini_batch_size=3, margin_strategy=margin[0], margin=margin[1],
         contrast_anchors=contrast[0], contrast_positives=contrast[1]), models, negatives=negatives)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_gist_margin_that_drops_every_negative(fcst, calls, models, cached):
+    """margin 2: every cell but the positive is dropped (rows of the anchor-anchor and positive-positive blocks
+    with no column left): the package's loss and gradients are 0; the patched ones 0 to rounding (its positive
+    score and the log-sum-exp that holds only it are two computations of one number), never NaN."""
+    def make(m, g):
+        cls = st_losses().CachedGISTEmbedLoss if cached else st_losses().GISTEmbedLoss
+        return cls(m, g, temperature=0.05, margin=2.0, **({"mini_batch_size": 3} if cached else {}))
+
+    (loss, grads), (loss1, grads1) = compare(fcst, calls, make, models, negatives=1)
+    assert float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
+    assert abs(float(loss1)) < 1e-5 and all(float(g.abs().max()) < 1e-5 for g in grads1.values())
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -402,3 +426,92 @@ def test_patch_arguments_are_checked(fcst):
     with pytest.raises(ValueError, match="losses: cannot patch 'TripletLoss'"):
         fcst.patch(losses=["TripletLoss"])
     assert not fcst.is_patched()
+
+
+# ------------------------------------------------------------------------- the fused ops run, no N×M is held
+class _FastcontrastOps(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """The ``torch.ops.fastcontrast.*`` custom ops a region runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.startswith("fastcontrast::"):
+            self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _leaves(n, d, columns, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=dtype).requires_grad_() for _ in range(columns)]
+
+
+def _probe(run, embeddings):
+    """(loss, gradients, PeakMemory, fastcontrast ops) of run(embeddings) and its backward."""
+    from fastcontrast.tools.memtrack import PeakMemory
+
+    for e in embeddings:
+        e.grad = None
+    with PeakMemory() as mem, _FastcontrastOps() as ops:  # ops innermost: it sees the custom op before the probe
+        loss = run(embeddings)
+        loss.backward()
+    return loss.detach(), {str(i): e.grad for i, e in enumerate(embeddings)}, mem, ops.names
+
+
+MNRL_CONFIGS = {"default": {}, "every-option": dict(
+    directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), hardness_mode="all_negatives",
+    hardness_strength=5.0)}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """The fused kernels' row-block byte budget (fastcontrast.primitives.tiles.BLOCK_BYTES, 256 MiB) lowered to
+    2 MiB, so that at test sizes too a block is far below N×M: what is left is what the kernels hold per block."""
+    from fastcontrast.primitives import tiles
+
+    monkeypatch.setattr(tiles, "BLOCK_BYTES", 2 * 2**20)
+    return tiles.BLOCK_BYTES
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("config", list(MNRL_CONFIGS))
+def test_mnrl_runs_fused_ops_without_n_by_m(fcst, models, monkeypatch, small_blocks, backend, config):
+    """N = 2048 queries, 1 hard negative (M = 4096): the package holds N×M scores per direction; the patched loss
+    runs torch.ops.fastcontrast.* and holds one block of rows at a time (the byte budget), its peak <= 20 % of the
+    package's (``auto`` above the CPU crossover, here lowered below the N×N blocks of the query_to_query and
+    doc_to_query directions: each direction's call picks its backend by its own size)."""
+    from fastcontrast import dispatch
+
+    n = 2048
+    nm_bytes = n * 2 * n * 4
+    monkeypatch.setitem(dispatch._CROSSOVER, "cpu", n * n // 2)
+    loss = st_losses().MultipleNegativesRankingLoss(models[torch.float32][0], **MNRL_CONFIGS[config])
+    emb = _leaves(n, 32, 3, seed=0)
+    run = lambda e: loss.compute_loss_from_embeddings(e, None)  # noqa: E731
+    ref = _probe(run, emb)
+    fcst.patch(backend=backend)
+    got = _probe(run, emb)
+    assert ref[2].largest >= nm_bytes and not ref[3]  # the probe sees the package's N×M; no fastcontrast op there
+    assert got[3] & {"fastcontrast::lse_masked", "fastcontrast::lse_pair"}, got[3]
+    assert got[2].largest <= small_blocks, (got[2].largest, small_blocks)
+    assert got[2].peak <= 0.2 * ref[2].peak, (got[2].peak, ref[2].peak)
+    assert_same(ref[:2], got[:2], torch.float32)
+
+
+def test_gist_runs_fused_ops_without_n_by_m(fcst, models, small_blocks):
+    """GIST's loss stage with a negative at N = 512 (M = 1536 columns for the anchors): the package's similarities
+    and masks are N×M (its cosine even N×M×D); the patched loss computes the guide's similarities inside the fused
+    sweep, one block of rows at a time. (Its equality to the package is the tests above; this one probes the
+    memory of the same function.)"""
+    from fastcontrast.integrations.sentence_transformers import _gist_loss
+
+    n, nm_bytes = 512, 512 * 1536 * 4
+    gist = st_losses().GISTEmbedLoss(*models[torch.float32], temperature=0.05)
+    guides = [t.detach() for t in _leaves(n, 24, 3, seed=1)]
+    fcst.patch(backend="cpu")
+    loss, grads, mem, ops = _probe(lambda e: _gist_loss(gist, e[0], guides[0], e[1:], guides[1:]),
+                                   _leaves(n, 32, 3, seed=0))
+    assert "fastcontrast::lse_masked" in ops, ops
+    assert mem.largest <= nm_bytes / 2, (mem.largest, nm_bytes)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
