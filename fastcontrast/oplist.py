@@ -160,6 +160,55 @@ def _matryoshka_clip(g, dev, dt, n, m, d, k):
     return dict(_pair(g, dev, dt, n, m, d, k), dims=dims, weights=tuple(1.0 + 0.5 * i for i in range(len(dims))))
 
 
+def _guide_clusters(g, dev, dt, rows, dg=6, clusters=4, cid=None):
+    """Guide features near one of a few orthonormal directions (cosine ≈ 1 within a cluster, ≈ 0 across): every
+    guide score lies far from the thresholds below, so every backend drops the same entries. ``cid``: the rows'
+    clusters (default: drawn)."""
+    cid = torch.randint(0, clusters, (rows,), generator=g) if cid is None else cid
+    return (torch.eye(clusters, dg, dtype=torch.float64)[cid]
+            + 0.01 * torch.randn(rows, dg, generator=g, dtype=torch.float64)).to(dev, dt)
+
+
+def _lse_rows(g, dev, dt, n, m, d, k):  # one direction of MNRL: queries against documents, each its positive
+    return {"queries": _randn(g, (n, d), dev, dt), "keys": _randn(g, (m, d), dev, dt),
+            "logit_scale": torch.tensor(7.5, dtype=_f32(dt), device=dev),
+            "row_weights": (0.5 + torch.rand(n, generator=g, dtype=torch.float64)).to(dev, _f32(dt)),
+            "keep": torch.randint(0, m, (n,), generator=g).to(dev)}
+
+
+def _lse_rows_masks(g, dev, dt, n, m, d, k):  # every rule: same-group exclusion, a guide, the hardness cells
+    inp = _lse_rows(g, dev, dt, n, m, d, k)
+    inp.update(row_ids=torch.randint(0, 5, (n,), generator=g).to(dev),
+               col_ids=torch.randint(0, 5, (m,), generator=g).to(dev), hard_cols=(torch.rand(m, generator=g) < 0.3
+                                                                                  ).to(dev),
+               guide_queries=_guide_clusters(g, dev, dt, n), guide_keys=_guide_clusters(g, dev, dt, m),
+               guide_threshold=torch.full((n,), 0.5, dtype=_f32(dt), device=dev))
+    return inp
+
+
+def lse_rows_loss(queries, keys, logit_scale, row_weights, backend="auto", **kw):
+    """Σ_i w_i·lse_rows_i: :func:`fastcontrast.lse_rows` as the scalar the op list's users differentiate
+    (validate, the sweep, aot); the weights (N,) give every row its own upstream gradient (and get lse as theirs)."""
+    return (Fn.lse_rows(queries, keys, logit_scale, backend=backend, **kw) * row_weights).sum()
+
+
+def _negatives(g, dev, dt, n, m, d, k):  # NegCLIP: hard-negative captions beside the batch's texts
+    return dict(_pair(g, dev, dt, n, m, d, k), text_negatives=_randn(g, (max(1, m // 3), d), dev, dt))
+
+
+def _masked_clip(g, dev, dt, n, m, d, k):  # and false negatives by id, and a guide (clusters: no near-ties)
+    inp = _negatives(g, dev, dt, n, m, d, k)
+    cx, cy = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    labels = inp["labels"]
+    cy[torch.arange(n) if labels is None else labels.cpu()] = cx  # the guide sees each pair alike (as GIST's)
+    inp.update(false_negative_ids=(torch.randint(0, 5, (n,), generator=g).to(dev),
+                                   torch.randint(0, 5, (m,), generator=g).to(dev)),
+               guide_image_features=_guide_clusters(g, dev, dt, n, cid=cx),
+               guide_text_features=_guide_clusters(g, dev, dt, m, cid=cy),
+               guide_text_negatives=_guide_clusters(g, dev, dt, inp["text_negatives"].shape[0]))
+    return inp
+
+
 # ------------------------------------------------------------------------------------------ bench inputs
 def _codes(n: int) -> int:
     return max(16, min(4096, n // 4))
@@ -261,6 +310,13 @@ OPS: Tuple[OpInfo, ...] = (
                                                                                   "hardest": True}),
     OpInfo("max_margin_loss(sum)", Fn.max_margin_loss, "max_margin", _margin, {"margin": 0.3, "reduction": "sum"}),
     OpInfo("ce_rows", Fn.ce_rows, "ce_rows", _ce_rows, {"logit_bias": 0.5}),
+    OpInfo("clip_loss(text_negatives)", Fn.clip_loss, "infonce_masked", _negatives, {"normalize": True}),
+    OpInfo("clip_loss(false_negative_ids,guide)", Fn.clip_loss, "infonce_masked", _masked_clip,
+           {"normalize": True, "guide_margin": 0.1}),
+    OpInfo("lse_rows", lse_rows_loss, "lse_rows", _lse_rows, {"normalize": True}),
+    OpInfo("lse_rows(masks)", lse_rows_loss, "lse_rows", _lse_rows_masks,
+           {"normalize": True, "exclude_same": True, "hardness_strength": 2.0,
+            "hardness_cells": ("same_hard", "other_inbatch", "other_hard")}),
     OpInfo("codebook_loss", Fn.codebook_loss, "swapped_prediction", _codebook,
            {"tau": 0.2, "epsilon": 0.1, "n_iters": 5}, bench=True, bench_make=_b_codebook,
            bench_call={"tau": 0.1, "epsilon": 0.05, "n_iters": 3}, flops=_codebook_flops, bytes=_codebook_bytes),

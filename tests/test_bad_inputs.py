@@ -149,6 +149,8 @@ LABEL_CALLS = {
                                                                             backend=b),
 }
 NO_LABELS = ("codebook_loss", "momentum_contrastive_loss", "distill_clip_loss")  # positives are fixed (i ↔ i)
+# lse_rows: keep (row i's kept column) is its index argument; its range cases are tested in test_lse_rows
+NO_LABELS += ("lse_rows",)
 
 
 def test_every_labelled_loss_of_the_op_list_is_covered():

@@ -98,6 +98,27 @@ def _matryoshka(kind):
     return make
 
 
+def _lse_rows(g):  # every rule, the guide in the same sweep
+    keep, rid, cid = _ids(g, N, M), _ids(g, N, 3), _ids(g, M, 3)
+    gq, gk, hard = _r(g, N, 4).float(), _r(g, M, 4).float(), torch.rand(M, generator=g) < 0.4
+    return (lambda be, q, k, s: Fn.lse_rows(q, k, s, normalize=True, keep=keep, row_ids=rid, col_ids=cid,
+                                            exclude_same=True, guide_queries=gq, guide_keys=gk,
+                                            guide_threshold=torch.full((N,), 0.3), hard_cols=hard,
+                                            hardness_strength=2.0, hardness_cells={"same_hard", "other_inbatch"},
+                                            backend=be).sum(),
+            dict(q=_r(g, N, D), k=_r(g, M, D), s=torch.tensor(4.0, dtype=torch.float64)))
+
+
+def _clip_masked(g):  # negatives, false negatives, a guide: row and column statistics of one masked sweep
+    lab, ii, ti = _ids(g, N, M), _ids(g, N, 3), _ids(g, M, 3)
+    gx, gy, gn = _r(g, N, 4).float(), _r(g, M, 4).float(), _r(g, 3, 4).float()
+    return (lambda be, x, y, neg, s: Fn.clip_loss(x, y, s, labels=lab, normalize=True, text_negatives=neg,
+                                                  false_negative_ids=(ii, ti), guide_image_features=gx,
+                                                  guide_text_features=gy, guide_text_negatives=gn,
+                                                  guide_margin=0.2, backend=be),
+            dict(x=_r(g, N, D), y=_r(g, M, D), neg=_r(g, 3, D), s=torch.tensor(4.0, dtype=torch.float64)))
+
+
 def _siglip(g):
     lab = _ids(g, N, M)
     return (lambda be, x, y, s, b: Fn.siglip_loss(x, y, s, b, labels=lab, backend=be),
@@ -144,6 +165,7 @@ _BUILDERS = {
     "max_margin_loss(labels)": _margin("labels"), "max_margin_loss(diagonal)": _margin("diagonal"),
     "max_margin_loss(hardest)": _margin("hardest"), "codebook_loss": _codebook,
     "momentum_contrastive_loss": _momentum, "distill_clip_loss": _distill,
+    "lse_rows(masks)": _lse_rows, "clip_loss(false_negative_ids,guide)": _clip_masked,
     "matryoshka_ce_rows": _matryoshka("ce_rows"), "matryoshka_clip_loss(labels)": _matryoshka("clip"),
 }
 # name -> (the dispatcher op, from the one op list; the builder of its inputs)

@@ -154,6 +154,26 @@ def _matryoshka_clip(g, dt, dev):
                                                         labels=lab, backend=be)), (x, y, s)
 
 
+def _lse_rows(g, dt, dev):  # the dropping rules (the hardness penalty is a stop-gradient: no Hessian of its own)
+    q, k = _r(g, N, D, dtype=dt, device=dev), _r(g, M, D, dtype=dt, device=dev)
+    kw = dict(keep=_ids(0, 3, 4, 1, device=dev), row_ids=_ids(0, 1, 0, 1, device=dev),
+              col_ids=_ids(0, 0, 1, 1, 0, device=dev), exclude_same=True, guide_queries=torch.eye(N, 3, device=dev),
+              guide_keys=torch.eye(M, 3, device=dev), guide_threshold=torch.full((N,), 0.5, device=dev))
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=dt, device=dev)
+    return (lambda be, q, k, s: (Fn.lse_rows(q, k, s, normalize=True, backend=be, **kw) * w).sum()), (
+        q, k, torch.tensor(2.0, dtype=dt, device=dev))
+
+
+def _clip_masked(g, dt, dev):  # NegCLIP's negatives, false negatives by id, a guide
+    x, y, neg = (_r(g, N, D, dtype=dt, device=dev), _r(g, N, D, dtype=dt, device=dev),
+                 _r(g, 2, D, dtype=dt, device=dev))
+    kw = dict(false_negative_ids=(_ids(0, 1, 0, 2, device=dev), _ids(1, 0, 0, 2, device=dev)),
+              guide_image_features=torch.eye(N, 3, device=dev), guide_text_features=torch.eye(N, 3, device=dev),
+              guide_text_negatives=torch.ones(2, 3, device=dev), guide_margin=0.1)
+    return (lambda be, x, y, neg, s: Fn.clip_loss(x, y, s, text_negatives=neg, backend=be, **kw)), (
+        x, y, neg, torch.tensor(2.0, dtype=dt, device=dev))
+
+
 _BUILDERS = {
     "clip_loss": _clip, "clip_loss(labels,bias,normalize)": _clip_labels, "clip_loss(ids)": _clip_ids,
     "oblique_clip_loss": _oblique, "adaptive_temperature_clip_loss": _adaptive, "siglip_loss": _siglip,
@@ -161,6 +181,7 @@ _BUILDERS = {
     "siglip_loss(ids,inverse_count)": _siglip_plus, "ce_rows": _ce_rows, "max_margin_loss(per-pair margin)": _margin,
     "max_margin_loss(labels,sum)": _margin_labels, "max_margin_loss(hardest)": _margin_hardest,
     "codebook_loss": _codebook, "momentum_contrastive_loss": _momentum, "distill_clip_loss": _distill,
+    "lse_rows(masks)": _lse_rows, "clip_loss(false_negative_ids,guide)": _clip_masked,
     "matryoshka_ce_rows": _matryoshka_ce_rows, "matryoshka_clip_loss(labels,dot)": _matryoshka_clip,
 }
 # name -> (the dispatcher op, from the one op list; the builder of its inputs)

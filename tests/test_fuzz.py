@@ -49,7 +49,9 @@ _FUZZED = {
 OPS = {name: (dispatch_of(name),) + spec for name, spec in _FUZZED.items()}  # dispatcher ops: the op list's
 # codebook_loss: its Sinkhorn targets are a non-smooth function of the teacher (argmax-like at small ε), so a
 # drawn magnitude tells little; its inputs are swept and validated (test_opinfo_sweep, test_codebook)
-NOT_FUZZED = ("codebook_loss",)
+# lse_rows: a building block, not a loss (an (N,) log-sum-exp, keep instead of labels, any finite scale); its
+# arguments are swept (test_opinfo_sweep) and its bad inputs, NaN and range cases tested (test_lse_rows)
+NOT_FUZZED = ("codebook_loss", "lse_rows")
 
 
 def test_every_public_loss_of_the_op_list_is_fuzzed():

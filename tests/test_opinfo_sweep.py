@@ -153,6 +153,33 @@ def _matryoshka_ce_rows(shape, g):
     return _matryoshka(shape, g, ("queries", "keys"))
 
 
+def _guides(g, rows, dg=5, clusters=3, cid=None):
+    """Guide rows near orthonormal directions (cosines ≈ 1 or ≈ 0, far from the thresholds), float32."""
+    cid = torch.randint(0, clusters, (rows,), generator=g) if cid is None else cid
+    return (torch.eye(clusters, dg)[cid] + 0.01 * torch.randn(rows, dg, generator=g)).float()
+
+
+def _lse_rows(shape, g):  # every mask of lse_rows; the weights give each row its upstream gradient
+    n, m, d, _ = SHAPES[shape]
+    other = {"row_weights": (0.5 + torch.rand(n, generator=g)).float(), "keep": torch.randint(0, m, (n,), generator=g),
+             "row_ids": torch.randint(0, 3, (n,), generator=g), "col_ids": torch.randint(0, 3, (m,), generator=g),
+             "hard_cols": torch.rand(m, generator=g) < 0.4, "guide_queries": _guides(g, n),
+             "guide_keys": _guides(g, m), "guide_threshold": torch.full((n,), 0.5)}
+    return {"queries": _rn(g, n, d), "keys": _rn(g, m, d)}, other
+
+
+def _clip_masked(shape, g):  # NegCLIP's negatives (a feature: their gradient is compared), ids, a guide
+    n, m, d, _ = SHAPES[shape]
+    feats, other = _pair(shape, g)
+    feats["text_negatives"] = _rn(g, 3, d)
+    cx, cy = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    cy[other.get("labels", torch.arange(n))] = cx  # the guide sees each pair alike (as GISTEmbed's guide does)
+    other.update(false_negative_ids=(torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)),
+                 guide_image_features=_guides(g, n, cid=cx), guide_text_features=_guides(g, m, cid=cy),
+                 guide_text_negatives=_guides(g, 3))
+    return feats, other
+
+
 def _scale(**refuse):
     return Scalar(SCALE, refuse={**REQUIRED("logit_scale"), **refuse})
 
@@ -201,6 +228,11 @@ OPS = [
        {"margin": Scalar(MARGIN, base="float", kinds=MARGIN_KINDS, refuse={"none": (TypeError, "margin must be")})},
        fixed={"reduction": "sum"}),
     Op("ce_rows", *_src("ce_rows"), _ce_rows, {"logit_scale": _scale(), "logit_bias": _bias()}),
+    Op("lse_rows(masks)", *_src("lse_rows(masks)"), _lse_rows, {"logit_scale": _scale()},
+       fixed={"normalize": True, "exclude_same": True, "hardness_strength": 2.0,
+              "hardness_cells": ("same_hard", "other_inbatch")}),
+    Op("clip_loss(false_negative_ids,guide)", *_src("clip_loss(false_negative_ids,guide)"), _clip_masked,
+       {"logit_scale": _scale(), "logit_bias": _bias()}, fixed={"normalize": True, "guide_margin": 0.1}),
     Op("codebook_loss", *_src("codebook_loss"), _codebook,
        {"tau": Scalar(TAU_T, base="float", refuse=NUMBER_ONLY("tau"))}, fixed={"epsilon": 0.25, "n_iters": 4}),
     Op("momentum_contrastive_loss", *_src("momentum_contrastive_loss"), _momentum,

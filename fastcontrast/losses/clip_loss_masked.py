@@ -157,7 +157,7 @@ def infonce_masked_fused(x, y, scale, labels=None, normalize=False, negatives=No
         lse_r, lse_c = LP.bound(impl.kernel, impl.backward_kernel)(x, keys, a, c, zero, normalize, 1)
         lse_c = lse_c[:y.shape[0]]
     else:  # a masked call on csrc's backends reaches here with the tiles (the dispatcher: needs=("masks",))
-        lse_r, lse_c = LM.bound(impl.kernel, impl.backward_kernel)(x, keys, a, c, normalize, masks)
+        lse_r, lse_c = LM.bound(impl.kernel, impl.backward_kernel, impl.backend)(x, keys, a, c, normalize, masks)
     return _loss(lse_r, lse_c, x, y, sc, labels, normalize, acc)
 
 
@@ -208,7 +208,7 @@ def _lse_masked_materialised():
 
 
 def _lse_masked_fused(*, impl):
-    return LM.bound(impl.kernel, impl.backward_kernel)
+    return LM.bound(impl.kernel, impl.backward_kernel, impl.backend)
 
 
 # ----------------------------------------------------------------------------- the public path (clip_loss)

@@ -241,7 +241,7 @@ def lse_rows_fused(queries, keys, logit_scale, normalize=False, keep=None, row_i
         return lse_r
     # a masked call on csrc's backends never gets here with their kernels: the dispatcher gave it the tiles
     # (needs=("masks",)); lse_masked refuses any kernel it does not have
-    lse_r, _ = LM.bound(impl.kernel, impl.backward_kernel)(queries, keys, a, c, normalize, masks)
+    lse_r, _ = LM.bound(impl.kernel, impl.backward_kernel, impl.backend)(queries, keys, a, c, normalize, masks)
     return lse_r
 
 

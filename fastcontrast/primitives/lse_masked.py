@@ -229,12 +229,13 @@ def _kernel_operands(x, y, a, c, normalize, m: Masks):
         return dummy if t is None else t.to(dtype).contiguous()
 
     guide = m.guide_x is not None
-    gx = m.guide_x.contiguous() if guide else f32
-    gy = m.guide_y.contiguous() if guide else f32
+    # the kernels compute in fp32: a float64 guide is read as fp32 (its scores then round like the features')
+    gx = (m.guide_x.float() if m.guide_x.dtype == torch.float64 else m.guide_x).contiguous() if guide else f32
+    gy = (m.guide_y.float() if m.guide_y.dtype == torch.float64 else m.guide_y).contiguous() if guide else f32
     ptrs = (x.contiguous(), y.contiguous(), T.inv_token_norms(x, 1) if normalize else f32,
             T.inv_token_norms(y, 1) if normalize else f32, a.float().contiguous(), c.float().contiguous(), gx, gy,
-            T.inv_token_norms(m.guide_x, 1) if guide and m.guide_normalize else f32,
-            T.inv_token_norms(m.guide_y, 1) if guide and m.guide_normalize else f32,
+            T.inv_token_norms(gx, 1) if guide and m.guide_normalize else f32,
+            T.inv_token_norms(gy, 1) if guide and m.guide_normalize else f32,
             vec(m.keep, i64, torch.int64), vec(m.row_ids, i64, torch.int64), vec(m.col_ids, i64, torch.int64),
             vec(m.thr_r, f32), vec(m.thr_c, f32), vec(m.pen_same, f32), vec(m.pen_other, f32))
     n_id = 0 if m.col_ids is None else m.col_ids.shape[0]
@@ -254,8 +255,9 @@ def _kernel_operands(x, y, a, c, normalize, m: Masks):
 def _guide_k(cfg: dict, x: Tensor, m: Masks) -> int:
     """The guide loop's K-chunk: the features' BLOCK_K, halved for a guide with wider elements than the features
     (an fp32 guide beside bf16 features), so that its pipeline stages fit the shared memory the table sized."""
-    if m.guide_x is not None and m.guide_x.element_size() > x.element_size():
-        return max(16, cfg["BLOCK_K"] * x.element_size() // m.guide_x.element_size())
+    g_elt = 0 if m.guide_x is None else min(m.guide_x.element_size(), 4)  # float64 guides are read as fp32
+    if g_elt > x.element_size():
+        return max(16, cfg["BLOCK_K"] * x.element_size() // g_elt)
     return cfg["BLOCK_K"]
 
 
@@ -332,8 +334,9 @@ def _forward(x: Tensor, y: Tensor, a: Tensor, c: Tensor, normalize: bool, keep: 
              row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_same: bool, guide_x: Optional[Tensor],
              guide_y: Optional[Tensor], guide_normalize: bool, thr_r: Optional[Tensor], thr_c: Optional[Tensor],
              pen_same: Optional[Tensor], pen_other: Optional[Tensor], n_stat: int, kernel: str,
-             backward_kernel: str) -> Tuple[Tensor, Tensor]:
-    """(lse_row (N,), lse_col (n_stat,)) of the masked logits (module doc); S never materialised."""
+             backward_kernel: str, backend: str = "") -> Tuple[Tensor, Tensor]:
+    """(lse_row (N,), lse_col (n_stat,)) of the masked logits (module doc); S never materialised. ``backend``:
+    the dispatcher's backend that chose these kernels (named by the double-backward error; "" = the kernel)."""
     _check_kernel("kernel", kernel)
     _check_kernel("backward_kernel", backward_kernel)
     m = Masks(keep, row_ids, col_ids, exclude_same, guide_x, guide_y, guide_normalize, thr_r, thr_c, pen_same,
@@ -345,7 +348,7 @@ def _forward(x: Tensor, y: Tensor, a: Tensor, c: Tensor, normalize: bool, keep: 
 
 
 def _forward_fake(x, y, a, c, normalize, keep, row_ids, col_ids, exclude_same, guide_x, guide_y, guide_normalize,
-                  thr_r, thr_c, pen_same, pen_other, n_stat, kernel, backward_kernel):
+                  thr_r, thr_c, pen_same, pen_other, n_stat, kernel, backward_kernel, backend=""):
     acc = T.acc_dtype(x)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(n_stat, dtype=acc)
 
@@ -354,7 +357,7 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
               keep: Optional[Tensor], row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_same: bool,
               guide_x: Optional[Tensor], guide_y: Optional[Tensor], guide_normalize: bool, thr_r: Optional[Tensor],
               thr_c: Optional[Tensor], pen_same: Optional[Tensor], pen_other: Optional[Tensor], n_stat: int,
-              lse_r: Tensor, lse_c: Tensor, kernel: str, acc_out: bool = False
+              lse_r: Tensor, lse_c: Tensor, kernel: str, acc_out: bool = False, backend: str = ""
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, da, dc): gradients of Σ g_r·lse_row + Σ g_c·lse_col (module doc), the normalisation's Jacobian
     included; the guide and the penalty get none. ``acc_out``: returned in the accumulation dtype (a caller that
@@ -389,7 +392,8 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
 
 
 def _backward_fake(g_r, g_c, x, y, a, c, normalize, keep, row_ids, col_ids, exclude_same, guide_x, guide_y,
-                   guide_normalize, thr_r, thr_c, pen_same, pen_other, n_stat, lse_r, lse_c, kernel, acc_out=False):
+                   guide_normalize, thr_r, thr_c, pen_same, pen_other, n_stat, lse_r, lse_c, kernel, acc_out=False,
+                   backend=""):
     if acc_out:
         acc = T.acc_dtype(x)
         return (torch.empty_like(x, dtype=acc), torch.empty_like(y, dtype=acc), torch.empty_like(a, dtype=acc),
@@ -408,12 +412,12 @@ def _setup_context(ctx, inputs, output):
     args = inputs[:4 + _N_MASK_ARGS]
     ctx.is_tensor = [isinstance(v, Tensor) for v in args]  # tensors are saved, flags and None kept as they are
     ctx.others = [None if t else v for t, v in zip(ctx.is_tensor, args)]
-    ctx.kernel, ctx.backward_kernel = inputs[-2], inputs[-1]
+    ctx.kernel, ctx.backward_kernel, ctx.backend = inputs[-3], inputs[-2], inputs[-1]
     ctx.save_for_backward(*[v for v in args if isinstance(v, Tensor)], *output)
 
 
 def _no_create_graph(ctx):
-    T.no_double_backward(LSE_MASKED_OP, ctx.kernel, LSE_MASKED_ALTERNATIVE)
+    T.no_double_backward(LSE_MASKED_OP, ctx.backend or ctx.kernel, LSE_MASKED_ALTERNATIVE)
 
 
 def _gradients(ctx, backward_op, g_r, g_c):
@@ -423,8 +427,8 @@ def _gradients(ctx, backward_op, g_r, g_c):
     args = [next(it) if t else v for t, v in zip(ctx.is_tensor, ctx.others)]
     g_r = torch.zeros_like(lse_r) if g_r is None else g_r
     g_c = torch.zeros_like(lse_c) if g_c is None else g_c
-    dx, dy, da, dc = backward_op(g_r, g_c, *args, lse_r, lse_c, ctx.backward_kernel)
-    return (dx, dy, da, dc) + (None,) * (_N_MASK_ARGS + 2)
+    dx, dy, da, dc = backward_op(g_r, g_c, *args, lse_r, lse_c, ctx.backward_kernel, False, ctx.backend)
+    return (dx, dy, da, dc) + (None,) * (_N_MASK_ARGS + 3)
 
 
 lse_masked, lse_masked_backward = fused_op(
@@ -432,7 +436,7 @@ lse_masked, lse_masked_backward = fused_op(
     setup_context=_setup_context, gradients=_gradients, check_create_graph=_no_create_graph,
     autocast=(0, 1), backward_autocast=(2, 3),  # x, y follow the package's autocast policy (_amp)
     double_backward=DoubleBackward(LSE_MASKED_OP, LSE_MASKED_ALTERNATIVE,
-                                   kernel_of=lambda inputs: inputs[_BACKWARD_KERNEL_AT]))
+                                   kernel_of=lambda inputs: inputs[-1] or inputs[_BACKWARD_KERNEL_AT]))
 
 
 def _args(m: Masks):
@@ -445,19 +449,20 @@ class LseMasked:
     ``self(x, y, a, c, normalize, masks)`` -> (lse_row (N,), lse_col (n_stat,)); :meth:`backward` -> (dx, dy, da,
     dc) for callers that drive the backward themselves (the CLIP ring)."""
 
-    def __init__(self, kernel: str, backward_kernel: str):
+    def __init__(self, kernel: str, backward_kernel: str, backend: str = ""):
         _check_kernel("kernel", kernel)
         _check_kernel("backward_kernel", backward_kernel)
-        self.kernel, self.backward_kernel = kernel, backward_kernel
+        self.kernel, self.backward_kernel, self.backend = kernel, backward_kernel, backend
 
     def __call__(self, x, y, a, c, normalize: bool, masks: Masks):
-        return lse_masked(x, y, a, c, bool(normalize), *_args(masks), self.kernel, self.backward_kernel)
+        return lse_masked(x, y, a, c, bool(normalize), *_args(masks), self.kernel, self.backward_kernel,
+                          self.backend)
 
     def backward(self, g_r, g_c, x, y, a, c, normalize: bool, masks: Masks, lse_r, lse_c, acc_out=False):
         return lse_masked_backward(g_r, g_c, x, y, a, c, bool(normalize), *_args(masks), lse_r, lse_c,
-                                   self.backward_kernel, acc_out)
+                                   self.backward_kernel, acc_out, self.backend)
 
 
-def bound(kernel: str, backward_kernel: str) -> LseMasked:
-    """``lse_masked`` with the dispatcher's kernels bound."""
-    return LseMasked(kernel, backward_kernel)
+def bound(kernel: str, backward_kernel: str, backend: str = "") -> LseMasked:
+    """``lse_masked`` with the dispatcher's kernels bound (``backend``: the dispatcher's backend, for errors)."""
+    return LseMasked(kernel, backward_kernel, backend)
