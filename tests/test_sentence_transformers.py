@@ -356,11 +356,11 @@ def test_matryoshka_built_before_or_during_patch(fcst, calls, models):
     ref = loss_and_grads(before, model, feats)
     fcst.patch()
     assert_same(ref, loss_and_grads(before, model, feats), torch.float32)
-    assert calls["matryoshka_ce_rows"] == 1
+    assert calls["matryoshka_ce_rows"] == 3  # one per chunk of mini_batch_size rows: 7 = 3 + 3 + 1
     during = make()
     fcst.unpatch()
     assert_same(ref, loss_and_grads(during, model, feats), torch.float32)
-    assert calls["matryoshka_ce_rows"] == 1 and calls["lse_rows"] == 0
+    assert calls["matryoshka_ce_rows"] == 3 and calls["lse_rows"] == 0
 
 
 # ------------------------------------------------------------------------------------ fallback, unpatch, errors
@@ -515,3 +515,30 @@ def test_gist_runs_fused_ops_without_n_by_m(fcst, models, small_blocks):
     assert "fastcontrast::lse_masked" in ops, ops
     assert mem.largest <= nm_bytes / 2, (mem.largest, nm_bytes)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("config", list(MNRL_CONFIGS))
+def test_cached_mnrl_loss_stage_never_needs_more_than_the_package(fcst, models, config):
+    """The cached loss's loss stage at N = 1024, M = 2048, mini_batch_size 64: the package holds (64, M) score
+    blocks; the patched stage scores the same chunks through the fused ops (row blocks of at most half a chunk),
+    its peak below the package's, its loss and cached gradients the package's."""
+    loss = st_losses().CachedMultipleNegativesRankingLoss(models[torch.float32][0], mini_batch_size=64,
+                                                           **MNRL_CONFIGS[config])
+    emb = _leaves(1024, 32, 3, seed=0)
+
+    def run(e):
+        reps = [list(t.detach().split(100)) for t in e]  # the cached embeddings, as mini-batches of another size
+        for r in reps:
+            for t in r:
+                t.requires_grad_()
+        out = loss.calculate_loss(reps, None, with_backward=True)
+        for t, r in zip(e, reps):  # hand the cached gradients on, so that _probe reads them
+            t.grad = torch.cat([x.grad for x in r])
+        return out.requires_grad_()
+
+    ref = _probe(run, emb)
+    fcst.patch(backend="cpu")
+    got = _probe(run, emb)
+    assert got[3] & {"fastcontrast::lse_masked", "fastcontrast::lse_pair"}, got[3]
+    assert got[2].peak < ref[2].peak, (got[2].peak, ref[2].peak)
+    assert_same(ref[:2], got[:2], torch.float32)

@@ -17,10 +17,11 @@ package's code, untouched:
   positive's score is a row dot, each direction's log-sum-exp one :func:`fastcontrast.functional.lse_rows` call
   that never holds the N×M scores.
 * ``CachedMultipleNegativesRankingLoss.calculate_loss`` (and its symmetric subclass): the same loss on the cached
-  embeddings, in one fused call. ``mini_batch_size``/``mini_batch_num_tokens`` keep bounding what they bound in the
-  package, the embedding mini-batches of the two model passes; the package's loss stage also walks the rows in
-  ``mini_batch_size`` blocks so that at most a (mini_batch_size, M) block of scores exists at a time: the fused
-  call holds no such block, so there is nothing left for it to bound there (the value is the same either way).
+  embeddings. ``mini_batch_size``/``mini_batch_num_tokens`` bound what they bound in the package: the embedding
+  mini-batches of the two model passes (the package's code), and, ``mini_batch_size``, the rows of the loss stage
+  scored at a time: the package holds a (mini_batch_size, M) block of scores per chunk (and back-propagates each
+  chunk as it goes); here each chunk of rows is one fused call per direction, which holds at most half its rows'
+  scores at a time (the fused kernels' row blocks), so the loss stage never needs more memory than the package's.
 * ``GISTEmbedLoss.forward`` (its embedding part as in the package) and ``CachedGISTEmbedLoss.calculate_loss``:
   ``temperature``, ``margin_strategy``/``margin`` (the false-negative threshold per anchor, from the guide's
   anchor-positive cosine), ``contrast_anchors``, ``contrast_positives``, negatives, ``gather_across_devices``;
@@ -217,40 +218,59 @@ def _gathered(cfg, embeddings):
     return queries, docs, offset, b
 
 
-def _mnrl_loss(cfg, embeddings, kind: str) -> torch.Tensor:
-    """MultipleNegativesRankingLoss.compute_loss_from_embeddings of 6.2.0, every direction a fused lse."""
+def _chunked(rows_loss, b: int, chunk: Optional[int], with_backward: bool) -> torch.Tensor:
+    """Σ_chunks mean(loss of the chunk's rows)·len/b over chunks of ``chunk`` local rows (None: one chunk), each
+    back-propagated as it is computed when ``with_backward``: the cached losses' loss stage, whose
+    ``mini_batch_size`` bounds the rows one fused call scores at a time as it bounds the package's score blocks."""
+    step = b if chunk is None else max(1, int(chunk))
+    losses = []
+    for begin in range(0, b, step):
+        end = min(begin + step, b)
+        losses.append(_finish(rows_loss(begin, end) * ((end - begin) / b), with_backward))
+    return sum(losses) if len(losses) > 1 else losses[0]
+
+
+def _mnrl_loss(cfg, embeddings, kind: str, chunk: Optional[int] = None, with_backward: bool = False):
+    """MultipleNegativesRankingLoss.compute_loss_from_embeddings of 6.2.0 (and the cached loss's calculate_loss
+    with ``chunk`` = mini_batch_size), every direction a fused lse."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
     queries, docs, offset, b = _gathered(cfg, embeddings)
     w, k, dev = queries.size(0), len(docs), queries.device
     docs_all = torch.cat(docs, dim=0) if k > 1 else docs[0]
-    q_loc, d_loc = queries[offset:offset + b], docs[0][offset:offset + b]
-    local = torch.arange(offset, offset + b, device=dev)
     groups = torch.arange(w, device=dev)  # column j of a (w·k)-wide block belongs to query j mod w
     doc_groups = groups.repeat(k)
+    hard_cols = torch.arange(w * k, device=dev) >= w
     norm, s = kind == "cos", cfg.scale
-    hard = {}
-    if _hardness_on(cfg):
-        hard = dict(row_ids=local, col_ids=doc_groups, hard_cols=torch.arange(w * k, device=dev) >= w,
-                    hardness_strength=float(cfg.hardness_strength), hardness_cells=_HARDNESS_CELLS[cfg.hardness_mode])
-    lses = [_lse(q_loc, docs_all, s, norm, **hard)]  # query_to_doc: always (it holds the positive)
-    if "query_to_query" in cfg.directions:  # without q_i -> q_i
-        lses.append(_lse(q_loc, queries, s, norm, row_ids=local, col_ids=groups, exclude_same=True)
-                    if w > 1 else _no_columns(q_loc))
-    if "doc_to_query" in cfg.directions:
-        lses.append(_lse(d_loc, queries, s, norm))
-    if "doc_to_doc" in cfg.directions:  # without the documents of one's own query
-        lses.append(_lse(d_loc, docs_all, s, norm, row_ids=local, col_ids=doc_groups, exclude_same=True)
-                    if w > 1 else _no_columns(d_loc))
-    if cfg.partition_mode == "joint":
-        log_z = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 1 else lses[0]
-    else:  # per_direction
-        log_z = sum(lses) / len(lses)
-    positive = s * _row_dot(q_loc, d_loc, norm)  # the positive is never penalised
-    return -(positive - log_z).mean()
+
+    def rows_loss(begin: int, end: int) -> torch.Tensor:
+        local = torch.arange(offset + begin, offset + end, device=dev)
+        q, d = queries[offset + begin:offset + end], docs[0][offset + begin:offset + end]
+        hard = {}
+        if _hardness_on(cfg):
+            hard = dict(row_ids=local, col_ids=doc_groups, hard_cols=hard_cols,
+                        hardness_strength=float(cfg.hardness_strength),
+                        hardness_cells=_HARDNESS_CELLS[cfg.hardness_mode])
+        lses = [_lse(q, docs_all, s, norm, **hard)]  # query_to_doc: always (it holds the positive)
+        if "query_to_query" in cfg.directions:  # without q_i -> q_i
+            lses.append(_lse(q, queries, s, norm, row_ids=local, col_ids=groups, exclude_same=True)
+                        if w > 1 else _no_columns(q))
+        if "doc_to_query" in cfg.directions:
+            lses.append(_lse(d, queries, s, norm))
+        if "doc_to_doc" in cfg.directions:  # without the documents of one's own query
+            lses.append(_lse(d, docs_all, s, norm, row_ids=local, col_ids=doc_groups, exclude_same=True)
+                        if w > 1 else _no_columns(d))
+        if cfg.partition_mode == "joint":
+            log_z = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 1 else lses[0]
+        else:  # per_direction
+            log_z = sum(lses) / len(lses)
+        return (log_z - s * _row_dot(q, d, norm)).mean()  # the positive is never penalised
+
+    return _chunked(rows_loss, b, chunk, with_backward)
 
 
-def _gist_loss(cfg, anchor, anchor_guide, cands, cands_guide) -> torch.Tensor:
+def _gist_loss(cfg, anchor, anchor_guide, cands, cands_guide, chunk: Optional[int] = None,
+               with_backward: bool = False) -> torch.Tensor:
     """GISTEmbedLoss / CachedGISTEmbedLoss of 6.2.0: CE over [a·P | a·A | p·P | a·N...]/T with the guide's
     false-negative mask, the guide's cell similarities computed in the fused sweep."""
     b, offset = anchor.size(0), 0
@@ -258,34 +278,38 @@ def _gist_loss(cfg, anchor, anchor_guide, cands, cands_guide) -> torch.Tensor:
         cands = [_gather(c) for c in cands]
         cands_guide = [_gather(c) for c in cands_guide]
         offset = _rank() * b
-    pos, pos_guide = cands[0], cands_guide[0]
-    mine = slice(offset, offset + b)
-    guided = F.cosine_similarity(anchor_guide, pos_guide[mine], dim=-1)  # the guide's anchor-positive cosine
-    if cfg.margin_strategy == "absolute":
-        threshold = guided - cfg.margin
-    elif cfg.margin_strategy == "relative":
-        threshold = guided - guided.abs() * cfg.margin
-    else:
+    if cfg.margin_strategy not in ("absolute", "relative"):
         raise ValueError(f"margin_strategy must be 'absolute' or 'relative', got {cfg.margin_strategy!r}")
+    pos, pos_guide = cands[0], cands_guide[0]
     s = 1.0 / cfg.temperature
     keys, guide_keys = [pos], [pos_guide]
     if cfg.contrast_anchors:
         keys.append(anchor)
         guide_keys.append(anchor_guide)
-    keys += cands[1:]
-    guide_keys += cands_guide[1:]
-    lses = [_lse(anchor, torch.cat(keys), s, True, keep=torch.arange(offset, offset + b, device=anchor.device),
-                 guide_queries=anchor_guide, guide_keys=torch.cat(guide_keys), guide_threshold=threshold)]
-    if cfg.contrast_positives:
-        lses.append(_lse(pos[mine], pos, s, True, guide_queries=pos_guide[mine], guide_keys=pos_guide,
-                         guide_threshold=threshold))
-    log_z = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 1 else lses[0]
-    return (log_z - s * F.cosine_similarity(anchor, pos[mine], dim=-1)).mean()
+    keys, guide_keys = torch.cat(keys + cands[1:]), torch.cat(guide_keys + cands_guide[1:])
+
+    def rows_loss(begin: int, end: int) -> torch.Tensor:
+        mine = slice(offset + begin, offset + end)
+        a, ag = anchor[begin:end], anchor_guide[begin:end]
+        guided = F.cosine_similarity(ag, pos_guide[mine], dim=-1)  # the guide's anchor-positive cosine
+        margin = cfg.margin if cfg.margin_strategy == "absolute" else guided.abs() * cfg.margin
+        threshold = guided - margin
+        lses = [_lse(a, keys, s, True, keep=torch.arange(mine.start, mine.stop, device=a.device),
+                     guide_queries=ag, guide_keys=guide_keys, guide_threshold=threshold)]
+        if cfg.contrast_positives:
+            lses.append(_lse(pos[mine], pos, s, True, guide_queries=pos_guide[mine], guide_keys=pos_guide,
+                             guide_threshold=threshold))
+        log_z = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 1 else lses[0]
+        return (log_z - s * F.cosine_similarity(a, pos[mine], dim=-1)).mean()
+
+    return _chunked(rows_loss, b, chunk, with_backward)
 
 
-def _matryoshka_mnrl(cfg, embeddings, dims, weights) -> torch.Tensor:
-    """Σ_p w_p · MNRL(normalize(e[:, :d_p])) (query_to_doc, no hardness): one fused call over the prefixes. The
-    package's shrink normalises each prefix, so cosine and dot both score cosines of prefixes."""
+def _matryoshka_mnrl(cfg, embeddings, dims, weights, chunk: Optional[int] = None,
+                     with_backward: bool = False) -> torch.Tensor:
+    """Σ_p w_p · MNRL(normalize(e[:, :d_p])) (query_to_doc, no hardness): one fused call over the prefixes (per
+    chunk of rows for the cached loss). The package's shrink normalises each prefix, so cosine and dot both score
+    cosines of prefixes."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
     full = embeddings[0].shape[-1]
@@ -299,10 +323,14 @@ def _matryoshka_mnrl(cfg, embeddings, dims, weights) -> torch.Tensor:
     dims = sorted(summed, reverse=True)
     queries, docs, offset, b = _gathered(cfg, embeddings)
     docs_all = torch.cat(docs, dim=0) if len(docs) > 1 else docs[0]
-    labels = None if offset == 0 else torch.arange(offset, offset + b, device=queries.device)
-    return _functional().matryoshka_ce_rows(queries[offset:offset + b], docs_all, cfg.scale, labels=labels,
-                                            dims=tuple(dims), weights=tuple(summed[d] for d in dims), normalize=True,
-                                            backend=_State.backend)
+
+    def rows_loss(begin: int, end: int) -> torch.Tensor:
+        labels = torch.arange(offset + begin, offset + end, device=queries.device)
+        return _functional().matryoshka_ce_rows(
+            queries[offset + begin:offset + end], docs_all, cfg.scale, labels=labels, dims=tuple(dims),
+            weights=tuple(summed[d] for d in dims), normalize=True, backend=_State.backend)
+
+    return _chunked(rows_loss, b, chunk, with_backward)
 
 
 def _finish(loss: torch.Tensor, with_backward: bool) -> torch.Tensor:
@@ -336,7 +364,7 @@ def cached_mnrl_calculate_loss(self, reps, labels=None, *, with_backward: bool =
     if reason is not None:
         _notice(self, reason)
         return original(self, reps, labels, with_backward=with_backward)
-    return _finish(_mnrl_loss(self, embeddings, _similarity_kind(self.similarity_fct)), with_backward)
+    return _mnrl_loss(self, embeddings, _similarity_kind(self.similarity_fct), self.mini_batch_size, with_backward)
 
 
 def _gist_embed(self, sentence_features):
@@ -388,8 +416,8 @@ def cached_gist_calculate_loss(self, reps, reps_guided, with_backward: bool = Fa
         raise ValueError("reps and reps_guided must have the same length")
     cands = [torch.cat(r) for r in reps[1:]]
     cands_guide = [torch.cat(r) for r in reps_guided[1:]]
-    loss = _gist_loss(self, torch.cat(reps[0]), torch.cat(reps_guided[0]), cands, cands_guide)
-    return _finish(loss, with_backward)
+    return _gist_loss(self, torch.cat(reps[0]), torch.cat(reps_guided[0]), cands, cands_guide,
+                      self.mini_batch_size, with_backward)
 
 
 def _dims_drawn(obj, sort: bool):
@@ -451,8 +479,8 @@ def matryoshka_cached_call(self, reps, *args, **kwargs):
     if isinstance(obj, getattr(_module(_CMNRL), _CMNRL)) and _matryoshka_kind(obj, _CMNRL) \
             and func in (cached_mnrl_calculate_loss, _State.originals.get((_CMNRL, "calculate_loss"))):
         dims, weights = _dims_drawn(self, sort=False)
-        loss = _matryoshka_mnrl(obj, [torch.cat(r) for r in reps], dims, weights)
-        return _finish(loss, kwargs.get("with_backward", False))
+        return _matryoshka_mnrl(obj, [torch.cat(r) for r in reps], dims, weights, obj.mini_batch_size,
+                                kwargs.get("with_backward", False))
     rebound = _rebound(self.fn)
     if rebound is None:
         return original(self, reps, *args, **kwargs)
