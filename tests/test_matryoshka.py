@@ -105,6 +105,24 @@ def test_triton_over_several_slabs(kind, monkeypatch):
     _check(kind, "triton", torch.float32, True, dev, seeds=(3,))
 
 
+@pytest.mark.parametrize("kind", sorted(OPS))
+def test_triton_with_16_aligned_dims(kind):
+    """Prefix ends that are multiples of 16 (64, 48, 16 of D = 70): the kernels read the band ends in units of 16
+    (GRAIN = 16, aligned loads on a GPU); the 16-wide bands are narrower than the interpreter's 32-wide K-chunk."""
+    dev = kernel_device()
+    if fc.dispatch.unavailable_reason(OPS[kind][0], "triton", dev) is not None:
+        pytest.skip("no Triton here")
+    x, y, labels = _inputs(12, m=M if kind == "ce_rows" else N)
+    s, dims, w = torch.tensor(4.0, dtype=torch.float64), (64, 48, 16), (1.0, 2.0, 0.5)
+    ref = _call(kind, x, y, s, labels, dims=dims, weights=w, backend="reference")
+    xs, ys = x.float().to(dev).requires_grad_(), y.float().to(dev).requires_grad_()
+    out = _call(kind, xs, ys, s.float().to(dev), labels.to(dev), dims=dims, weights=w, backend="triton")
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    rg = torch.autograd.grad(_call(kind, xr, yr, s, labels, dims=dims, weights=w, backend="reference"), (xr, yr))
+    g = torch.autograd.grad(out, (xs, ys))
+    assert max([_rel(out.cpu(), ref)] + [_rel(a.cpu(), b) for a, b in zip(g, rg)]) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ the definition
 def _naive(kind, x, y, s, labels, dims, weights, normalize):
     """sentence-transformers' MatryoshkaLoss around (symmetric) MNRL, written out: truncate, normalise, score."""
@@ -286,3 +304,20 @@ def test_fused_backward_refuses_create_graph(kind, backend):
     with pytest.raises(RuntimeError, match=rf"^fastcontrast: double backward is not supported by backend "
                                            rf"'{backend}' for the fused Matryoshka .*use backend='reference'"):
         torch.autograd.grad(loss, (x, y, s), create_graph=True)
+
+
+def test_compiles_without_graph_break():
+    """torch.compile(fullgraph=True) traces the fused op through its fake (the schema's list of prefix ends
+    included); the compiled gradients are eager's."""
+    x, y, labels = _inputs(11, n=9, m=12, d=16)
+    x, y = x.requires_grad_(), y.requires_grad_()
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+
+    def f(x, y, s):
+        return (fc.matryoshka_ce_rows(x, y, s, labels=labels, dims=(16, 8, 3), backend="triton")
+                + fc.matryoshka_clip_loss(x, y[:9], s, dims=(16, 5), backend="triton"))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for a, b in zip(torch.autograd.grad(compiled(x, y, s), (x, y, s)), torch.autograd.grad(f(x, y, s), (x, y, s))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

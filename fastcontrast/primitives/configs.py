@@ -47,7 +47,7 @@ _HOPPER = dict(FLAT=True, COL_SPLIT=True, GROUP=8)
 LAUNCHER_KEYS = ("COL_SPLIT", "CTAS")  # read by the launcher, never passed to a kernel
 _STRUCT = {"_lse_fwd_kernel": ("FLAT", "COL_SPLIT", "CTAS"), "_grad_tile_kernel": ("GROUP",),
            "_hinge_fwd_kernel": ("FLAT",), "_lse_masked_fwd_kernel": ("COL_SPLIT", "CTAS"),
-           "_masked_grad_tile_kernel": ("GROUP",)}
+           "_masked_grad_tile_kernel": ("GROUP",), "_matryoshka_grad_kernel": ("GROUP",)}
 
 
 def _pairwise(c16: dict, c32: dict = _PAIR32, **per_arch16) -> Dict[Tuple[str, str], dict]:
@@ -80,10 +80,13 @@ _BASELINE = _with({
     "_masked_grad_tile_kernel": _pairwise(_PAIR16),
     "_softplus_rows_kernel": _pairwise(_WIDE16),
     "_sigmoid_grad_tile_kernel": _pairwise(_WIDE16),
-    # Matryoshka (primitives/matryoshka_triton.py): the InfoNCE tiles; the prefixes' row statistics add 2·P floats
-    # per row to the forward, the checkpoints' epilogues run inside the K loop
+    # Matryoshka (primitives/matryoshka_triton.py): the forward on the InfoNCE tiles (the prefixes' row statistics
+    # add 2·P floats per row). The backward's checkpoint epilogues (P, Q, G, partial sums) run between K loops with
+    # the accumulator live: 64×64 on 8 warps, as 128×64 spills 352 B (aligned) to 1,376 B (odd dims) of stack on
+    # sm_90 (aot, Triton 3.9), 64×64 at most 360 B (16-bit) / 40 B (32-bit, BLOCK_K 32)
     "_matryoshka_fwd_kernel": _pairwise(_PAIR16),
-    "_matryoshka_grad_kernel": _pairwise(_PAIR16),
+    "_matryoshka_grad_kernel": _pairwise(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
+                                         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)),
     "_lse_axis_kernel": _ROWCOL,
     "_sinkhorn_out_kernel": _ROWCOL,
 }, _PLAIN)

@@ -130,22 +130,17 @@ def _tiles_fill(xa, ya, a, c, inv_x, inv_y, rat_x, rat_y, lse_r, lse_c, g_r, g_c
 
 
 # ----------------------------------------------------------------------------------------------- Triton launch
-_SCHEDULES = {}  # (ends, BLOCK_K, device) -> the chunk schedule on the device, made once (no copy per call)
+_ENDS = {}  # (ends, device) -> (the band ends in units of GRAIN on the device, GRAIN), made once per call site
 
 
-def _schedule(ends, block_k: int, device: torch.device) -> Tensor:
-    """(3, chunks) int32: each chunk's first and last+1 column and the prefix it completes (-1: none). A chunk is at
-    most BLOCK_K wide and never straddles a prefix end: a checkpoint inside a BLOCK_K chunk costs one more chunk."""
-    key = (tuple(ends), block_k, device)
-    if key not in _SCHEDULES:
-        lo, hi, pk = [], [], []
-        for p, (b0, b1) in enumerate(bands(ends)):
-            for k0 in range(b0, b1, block_k):
-                lo.append(k0)
-                hi.append(min(k0 + block_k, b1))
-                pk.append(p if k0 + block_k >= b1 else -1)
-        _SCHEDULES[key] = torch.tensor([lo, hi, pk], dtype=torch.int32, device=device)
-    return _SCHEDULES[key]
+def _band_ends(ends, device: torch.device) -> Tuple[Tensor, int]:
+    """((P + 1,) int32: 0, e_1, …, e_P in units of ``grain``; grain): grain = 16 when every end is a multiple of 16
+    (the kernels' loads then vectorise and their K loop pipelines: see ``_band``), else 1."""
+    key = (tuple(ends), device)
+    if key not in _ENDS:
+        grain = 16 if all(e % 16 == 0 for e in ends) else 1
+        _ENDS[key] = (torch.tensor([0] + [e // grain for e in ends], dtype=torch.int32, device=device), grain)
+    return _ENDS[key]
 
 
 def _npp(p: int) -> int:
@@ -160,14 +155,14 @@ def _triton_fwd(x, y, a, c, ends, normalize, cols):
     inv_x = prefix_inv_norms(x, ends).float().contiguous() if normalize else dummy
     inv_y = prefix_inv_norms(y, ends).float().contiguous() if normalize else dummy
     cfg, warps, stages = C.launch("_matryoshka_fwd_kernel", x.device, x.dtype)
-    ck = _schedule(ends, cfg["BLOCK_K"], x.device)
+    e, grain = _band_ends(ends, x.device)
     n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     lse_r = torch.empty(P, n, device=x.device, dtype=torch.float32)
     pmax = torch.empty(n_blocks, P, m, device=x.device, dtype=torch.float32) if cols else dummy
     psum = torch.empty(n_blocks, P, m, device=x.device, dtype=torch.float32) if cols else dummy
     K._matryoshka_fwd_kernel[(n_blocks,)](
-        x, y, inv_x, inv_y, a.float().contiguous(), c.float().contiguous(), lse_r, pmax, psum, ck[0], ck[1], ck[2],
-        n, m, ck.shape[1], P, x.stride(0), y.stride(0), NORM=normalize, COLS=cols, NPP=_npp(P),
+        x, y, inv_x, inv_y, a.float().contiguous(), c.float().contiguous(), lse_r, pmax, psum, e, n, m, P,
+        x.stride(0), y.stride(0), NORM=normalize, COLS=cols, NPP=_npp(P), GRAIN=grain,
         PRECISION=T.precision(x.dtype), UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
     if not cols:
         return lse_r, lse_r.new_empty(P, 0)
@@ -183,7 +178,7 @@ def _triton_fill(x, y, inv_x, inv_y, rat_x, rat_y, a, c, lse_r, lse_c, g_r, g_c,
     dummy = x.new_empty(1, dtype=torch.float32)
     f32 = lambda t: t.float().contiguous() if t is not None and t.numel() else dummy  # noqa: E731
     cfg, warps, stages = C.launch("_matryoshka_grad_kernel", x.device, x.dtype)
-    ck = _schedule(ends, cfg["BLOCK_K"], x.device)
+    e, grain = _band_ends(ends, x.device)
     args = [f32(inv_x), f32(inv_y), f32(rat_x), f32(rat_y), f32(a), f32(c), f32(lse_r), f32(lse_c), f32(g_r),
             f32(g_c), sigma.float().reshape(1)]
     parts = []
@@ -197,8 +192,8 @@ def _triton_fill(x, y, inv_x, inv_y, rat_x, rat_y, a, c, lse_r, lse_c, g_r, g_c,
                           torch.empty(grid[0] * P, m, device=x.device, dtype=torch.float32) if normalize else dummy])
         pa, pb, pra, prb = parts
         K._matryoshka_grad_kernel[grid](
-            x, y, *args, slabs, pa, pb, pra, prb, ck[0], ck[1], ck[2], r0, rc, n, m, ck.shape[1], P, x.stride(0),
-            y.stride(0), slabs.stride(0), slabs.stride(1), pa.stride(0), m, NORM=normalize, COLS=cols,
+            x, y, *args, slabs, pa, pb, pra, prb, e, r0, rc, n, m, P, x.stride(0), y.stride(0), slabs.stride(0),
+            slabs.stride(1), pa.stride(0), m, NORM=normalize, COLS=cols, GRAIN=grain,
             PRECISION=T.precision(x.dtype), UPCAST=T.upcast(x), num_warps=warps, num_stages=stages, **cfg)
         torch.sum(pa[:, :rc], dim=0, out=da[r0:r0 + rc])  # every row of a slab is in no other slab
         if cols:

@@ -4,9 +4,10 @@ sweep.
 For prefix ends e_1 < … < e_P (band p = columns e_{p-1}..e_p, e_0 = 0) the sweep of one S tile accumulates the
 partial products C^(p) = x[:, :e_p] y[:, :e_p]ᵀ along K; at each end e_p (a *checkpoint*) the tile
 S^(p) = diag(r^(p)) C^(p) diag(q^(p)) (r, q: the prefixes' inverse norms, 1 without normalisation) feeds prefix p's
-statistics, and the sweep goes on. The K loop walks a chunk schedule (``CK_LO``, ``CK_HI``, ``CK_P``: each chunk at
-most BLOCK_K wide, none straddling a checkpoint, ``CK_P`` = the prefix that ends after it or -1) built by the
-launcher, so one loop serves any dims and a checkpoint inside a BLOCK_K chunk costs one extra (masked) chunk.
+statistics, and the sweep goes on with the same accumulator. The K loop runs band by band (``_band``: a plain loop
+over BLOCK_K chunks, which Triton pipelines), so a band narrower than BLOCK_K costs one (masked) chunk. The band
+ends come in units of GRAIN columns: 16 when every end is a multiple of 16 (768, 512, 256, 128, 64, 32, 16), which
+makes the loads provably aligned (vectorised, pipelined), else 1.
 
 Forward (``_matryoshka_fwd_kernel``): a program owns BLOCK_M rows and walks every column tile; the rows' online
 max and Σ2^(z − max) of all P prefixes stay in registers as (BLOCK_M, NPP) tensors (NPP = P rounded up to a power of
@@ -32,16 +33,22 @@ if triton is not None:
     from .triton_tiles import LN2, LOG2E, _dot, _slab_tile_grouped
 
     @triton.jit
-    def _chunk(A, B, rows, cols, row_mask, col_mask, CK_LO, CK_HI, CK_P, it, stride_am, stride_bm, acc,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Chunk ``it`` of the schedule: acc += A[rows, lo:hi] B[cols, lo:hi]ᵀ; returns (acc, its checkpoint or -1)."""
-        lo = tl.load(CK_LO + it)
-        hi = tl.load(CK_HI + it)
-        kk = lo + tl.arange(0, BLOCK_K)
-        km = kk < hi
-        a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
-        b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :], other=0.0)
-        return _dot(a, tl.trans(b), acc, PRECISION, UPCAST), tl.load(CK_P + it)
+    def _band(A, B, rows, cols, row_mask, col_mask, ENDS, p, stride_am, stride_bm, acc, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, GRAIN: tl.constexpr):
+        """acc += A[rows, band p] B[cols, band p]ᵀ, band p = columns ENDS[p]·GRAIN .. ENDS[p + 1]·GRAIN: a plain K loop
+        (the shape Triton's software pipeliner handles). The ends are stored in units of GRAIN columns: GRAIN = 16
+        (every prefix end a multiple of 16) lets Triton prove from the multiplication that the loads are 16-element
+        aligned, so they vectorise and the loop pipelines; GRAIN = 1 serves any ends (element loads, as any
+        unaligned launch)."""
+        lo = tl.load(ENDS + p) * GRAIN
+        hi = tl.load(ENDS + p + 1) * GRAIN
+        for k0 in range(lo, hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < hi
+            a = tl.load(A + rows[:, None] * stride_am + kk[None, :], mask=row_mask[:, None] & km[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * stride_bm + kk[None, :], mask=col_mask[:, None] & km[None, :], other=0.0)
+            acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+        return acc
 
     @triton.jit
     def _prefix_tile(acc, inv_a, inv_b, rows, cols, row_mask, col_mask, p, P, NORM: tl.constexpr):
@@ -74,10 +81,11 @@ if triton is not None:
         return m_i, l_i
 
     @triton.jit
-    def _matryoshka_fwd_kernel(A, B, inv_a, inv_b, scale_a, scale_b, LSE, PMAX, PSUM, CK_LO, CK_HI, CK_P, Na, Nb,
-                               n_chunks, P, stride_am, stride_bm, NORM: tl.constexpr, COLS: tl.constexpr,
-                               NPP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _matryoshka_fwd_kernel(A, B, inv_a, inv_b, scale_a, scale_b, LSE, PMAX, PSUM, ENDS, Na, Nb, P, stride_am,
+                               stride_bm, NORM: tl.constexpr, COLS: tl.constexpr,
+                               NPP: tl.constexpr, GRAIN: tl.constexpr, PRECISION: tl.constexpr,
+                               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
         """Rows' lse of every prefix (base e) to LSE (P, Na); with COLS this row block's column max and
         Σ2^(z − max) (base 2) of every prefix to PMAX/PSUM[pid, p]. Grid: (row blocks,)."""
         pid = tl.program_id(0)
@@ -92,13 +100,12 @@ if triton is not None:
             col_mask = cols < Nb
             sb = tl.load(scale_b + cols, mask=col_mask, other=1.0) * LOG2E
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for it in range(0, n_chunks):
-                acc, p = _chunk(A, B, rows, cols, row_mask, col_mask, CK_LO, CK_HI, CK_P, it, stride_am, stride_bm,
-                                acc, PRECISION, UPCAST, BLOCK_K)
-                if p >= 0:
-                    s = _prefix_tile(acc, inv_a, inv_b, rows, cols, row_mask, col_mask, p, P, NORM)
-                    m_i, l_i = _fwd_checkpoint(s, p, pidx, rows, cols, row_mask, col_mask, sa, sb, m_i, l_i, PMAX,
-                                               PSUM, pid, P, Nb, COLS)
+            for p in range(0, P):  # band p, then prefix p's checkpoint: the sweep goes on with the same acc
+                acc = _band(A, B, rows, cols, row_mask, col_mask, ENDS, p, stride_am, stride_bm, acc, PRECISION,
+                            UPCAST, BLOCK_K, GRAIN)
+                s = _prefix_tile(acc, inv_a, inv_b, rows, cols, row_mask, col_mask, p, P, NORM)
+                m_i, l_i = _fwd_checkpoint(s, p, pidx, rows, cols, row_mask, col_mask, sa, sb, m_i, l_i, PMAX, PSUM,
+                                           pid, P, Nb, COLS)
         out = (m_i + tl.log2(tl.where(pidx[None, :] < P, l_i, 1.0))) * LN2  # the padding columns: no log2(0)
         tl.store(LSE + pidx[None, :].to(tl.int64) * Na + rows[:, None], out,
                  mask=row_mask[:, None] & (pidx[None, :] < P))
@@ -142,11 +149,11 @@ if triton is not None:
 
     @triton.jit
     def _matryoshka_grad_kernel(A, B, inv_a, inv_b, rat_a, rat_b, scale_a, scale_b, lse_a, lse_b, g_a, g_b,
-                                sigma_ptr, G, PART_A, PART_B, PART_RA, PART_RB, CK_LO, CK_HI, CK_P, row0, Na_chunk,
-                                Na, Nb, n_chunks, P, stride_am, stride_bm, stride_gp, stride_gm, stride_pa, stride_pb,
-                                NORM: tl.constexpr, COLS: tl.constexpr, PRECISION: tl.constexpr,
-                                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, GROUP: tl.constexpr = 1):
+                                sigma_ptr, G, PART_A, PART_B, PART_RA, PART_RB, ENDS, row0, Na_chunk, Na, Nb, P,
+                                stride_am, stride_bm, stride_gp, stride_gm, stride_pa, stride_pb,
+                                NORM: tl.constexpr, COLS: tl.constexpr, GRAIN: tl.constexpr,
+                                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr = 1):
         """One tile of the slab rows row0 + [0, Na_chunk): the P slabs' tiles (σ·H^(p), see the module doc) and
         the tile's partial sums (PART_A[column tile, row], PART_B[row tile, column], PART_RA[column tile·P + p,
         row], PART_RB[row tile·P + p, column]), summed by the launcher in a fixed order."""
@@ -161,16 +168,15 @@ if triton is not None:
         da = tl.zeros((BLOCK_M,), dtype=tl.float32)
         dc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for it in range(0, n_chunks):
-            acc, p = _chunk(A, B, rows, cols, row_mask, col_mask, CK_LO, CK_HI, CK_P, it, stride_am, stride_bm, acc,
-                            PRECISION, UPCAST, BLOCK_K)
-            if p >= 0:
-                s = _prefix_tile(acc, inv_a, inv_b, rows, cols, row_mask, col_mask, p, P, NORM)
-                g, da, dc = _grad_checkpoint(s, p, rows, cols, local, row_mask, col_mask, row_pen, col_pen, sa, sb,
-                                             lse_a, lse_b, g_a, g_b, rat_a, rat_b, PART_RA, PART_RB, pid_m, pid_n,
-                                             P, Na, Nb, stride_pa, stride_pb, da, dc, NORM, COLS)
-                tl.store(G + p.to(tl.int64) * stride_gp + local[:, None] * stride_gm + cols[None, :],
-                         (g * sigma).to(G.dtype.element_ty), mask=valid)
+        for p in range(0, P):
+            acc = _band(A, B, rows, cols, row_mask, col_mask, ENDS, p, stride_am, stride_bm, acc, PRECISION, UPCAST,
+                        BLOCK_K, GRAIN)
+            s = _prefix_tile(acc, inv_a, inv_b, rows, cols, row_mask, col_mask, p, P, NORM)
+            g, da, dc = _grad_checkpoint(s, p, rows, cols, local, row_mask, col_mask, row_pen, col_pen, sa, sb, lse_a,
+                                         lse_b, g_a, g_b, rat_a, rat_b, PART_RA, PART_RB, pid_m, pid_n, P, Na, Nb,
+                                         stride_pa, stride_pb, da, dc, NORM, COLS)
+            tl.store(G + p * stride_gp + local[:, None] * stride_gm + cols[None, :], (g * sigma).to(G.dtype.element_ty),
+                     mask=valid)
         tl.store(PART_A + pid_n * stride_pa + local, da, mask=row_mask)
         if COLS:
             tl.store(PART_B + pid_m * stride_pb + cols, dc, mask=col_mask)
