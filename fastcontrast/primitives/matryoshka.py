@@ -60,10 +60,17 @@ def prefix_inv_norms(x: Tensor, ends) -> Tensor:
     return torch.stack([T.inv_l2_norm(xa[:, :e], dim=1).squeeze(1) for e in ends], dim=1)
 
 
-def _active(x: Tensor, ends) -> Tensor:
-    """(N, P) bool: prefixes longer than EPS, whose inverse norm has a derivative (the clamp's branch has none)."""
-    xa = x.to(T.acc_dtype(x))
-    return torch.stack([xa[:, :e].norm(dim=1) > EPS for e in ends], dim=1)
+def _prefix_norms(x: Tensor, ends) -> Tuple[Tensor, Tensor]:
+    """(inv (N, P), active (N, P)) without autograd, for the kernels: the inverse prefix norms of
+    :func:`prefix_inv_norms` from one pass over x (the bands' squared sums, cumulated) and where a prefix is longer
+    than EPS (its inverse norm has a derivative; the clamp's branch has none). Range-safe as tiles.inv_l2_norm:
+    the squares are taken of x / max|x|."""
+    xa = x.detach().to(T.acc_dtype(x))[:, :ends[-1]]
+    m = xa.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(xa.dtype).tiny)
+    u = xa / m
+    sq = torch.stack([u[:, lo:hi].square().sum(dim=1) for lo, hi in bands(ends)], dim=1).cumsum(dim=1)
+    nrm = sq.sqrt()  # ‖x[:, :e_p]‖ / m
+    return torch.maximum(nrm, EPS / m).reciprocal() / m, nrm * m > EPS
 
 
 def _check(ends, d: int, kernel: str, backward_kernel: str) -> None:
@@ -79,8 +86,8 @@ def _tiles_fwd(x, y, a, c, ends, normalize, cols):
     acc = T.acc_dtype(x)
     n, m, P = x.shape[0], y.shape[0], len(ends)
     xa, ya, a, c = x.to(acc), y.to(acc), a.to(acc), c.to(acc)
-    inv_x = prefix_inv_norms(x, ends) if normalize else None
-    inv_y = prefix_inv_norms(y, ends) if normalize else None
+    inv_x = _prefix_norms(x, ends)[0] if normalize else None
+    inv_y = _prefix_norms(y, ends)[0] if normalize else None
     lse_r = torch.empty(P, n, dtype=acc, device=x.device)
     col_max = torch.full((P, m if cols else 0), float("-inf"), dtype=acc, device=x.device)
     col_sum = torch.zeros(P, m if cols else 0, dtype=acc, device=x.device)
@@ -88,10 +95,13 @@ def _tiles_fwd(x, y, a, c, ends, normalize, cols):
         run = torch.zeros(rows.stop - rows.start, m, dtype=acc, device=x.device)  # C^(p), one R×M block
         for p, (lo, hi) in enumerate(bands(ends)):
             torch.addmm(run, xa[rows, lo:hi], ya[:, lo:hi].T, out=run)  # + this band: the sweep goes on
-            s = run * inv_x[rows, p, None] * inv_y[None, :, p] if normalize else run
-            lse_r[p, rows] = torch.logsumexp(a[rows, None] * s, dim=1)
+            # a_i S^(p)_ij = a_i r_i q_j C_ij: the row factors folded into one vector (two passes over the block)
+            rf, cf = (a[rows] * inv_x[rows, p], inv_y[:, p]) if normalize else (a[rows], None)
+            z = run * rf[:, None]
+            lse_r[p, rows] = torch.logsumexp(z.mul_(cf[None, :]) if normalize else z, dim=1)
             if cols:  # the column direction's online statistics, one block of rows at a time
-                zc = c[None, :] * s
+                zc = run * (inv_x[rows, p, None] if normalize else 1.0)
+                zc.mul_((c * inv_y[:, p] if normalize else c)[None, :])
                 new_max = torch.maximum(col_max[p], zc.max(dim=0).values)
                 col_sum[p] = col_sum[p] * torch.exp(col_max[p] - new_max) + torch.exp(zc - new_max).sum(dim=0)
                 col_max[p] = new_max
@@ -109,20 +119,22 @@ def _tiles_fill(xa, ya, a, c, inv_x, inv_y, rat_x, rat_y, lse_r, lse_c, g_r, g_c
         run = torch.zeros(rc, ya.shape[0], dtype=xa.dtype, device=xa.device)
         for p, (lo, hi) in enumerate(bands(ends)):
             torch.addmm(run, xa[sl, lo:hi], ya[:, lo:hi].T, out=run)
-            s = run * inv_x[sl, p, None] * inv_y[None, :, p] if normalize else run
-            pm = torch.exp(a[sl, None] * s - lse_r[p, sl, None])
-            g = pm * (g_r[p, sl] * a[sl])[:, None]
-            da[sl] += g_r[p, sl] * (pm * s).sum(dim=1)
+            # in place where a block is not needed again: each pass over an R×M block is what costs on a CPU
+            s = torch.mul(run, inv_x[sl, p, None]).mul_(inv_y[None, :, p]) if normalize else run
+            g = torch.mul(s, a[sl, None]).sub_(lse_r[p, sl, None]).exp_()  # P^(p), then G^(p) in its place
+            da[sl] += g_r[p, sl] * (g * s).sum(dim=1)
+            g.mul_((g_r[p, sl] * a[sl])[:, None])
             if cols:
-                q = torch.exp(c[None, :] * s - lse_c[p, None, :])
-                g += q * (g_c[p] * c)[None, :]
+                q = torch.mul(s, c[None, :]).sub_(lse_c[p, None, :]).exp_()
                 dc += g_c[p] * (q * s).sum(dim=0)
+                g.add_(q.mul_((g_c[p] * c)[None, :]))
             if normalize:
                 gs = g * s
                 rho[p, sl] = gs.sum(dim=1)
                 sig[p] += gs.sum(dim=0)
-                g *= rat_x[sl, p, None] * rat_y[None, :, p]
-            slabs[p, :rc] = g * sigma
+                torch.mul(g, (rat_x[sl, p] * sigma)[:, None], out=slabs[p, :rc]).mul_(rat_y[None, :, p])
+            else:
+                torch.mul(g, sigma, out=slabs[p, :rc])
         for p in range(len(ends) - 2, -1, -1):  # H^(p) = Σ_{p' ≥ p}: the prefixes that contain band p
             slabs[p, :rc] += slabs[p + 1, :rc]
 
@@ -152,8 +164,8 @@ def _triton_fwd(x, y, a, c, ends, normalize, cols):
     n, m, P = x.shape[0], y.shape[0], len(ends)
     x, y = x.contiguous(), y.contiguous()
     dummy = x.new_empty(1, dtype=torch.float32)
-    inv_x = prefix_inv_norms(x, ends).float().contiguous() if normalize else dummy
-    inv_y = prefix_inv_norms(y, ends).float().contiguous() if normalize else dummy
+    inv_x = _prefix_norms(x, ends)[0].float().contiguous() if normalize else dummy
+    inv_y = _prefix_norms(y, ends)[0].float().contiguous() if normalize else dummy
     cfg, warps, stages = C.launch("_matryoshka_fwd_kernel", x.device, x.dtype)
     e, grain = _band_ends(ends, x.device)
     n_blocks = triton.cdiv(n, cfg["BLOCK_M"])
@@ -226,10 +238,10 @@ def _band_products(fill, xh: Tensor, yh: Tensor, ends, acc: torch.dtype) -> Tupl
     return torch.cat(dx, dim=1), torch.cat(dy, dim=1)
 
 
-def _norm_jacobian(d_hat: Tensor, t: Tensor, inv: Tensor, rho: Tensor, ends) -> Tensor:
+def _norm_jacobian(d_hat: Tensor, t: Tensor, inv: Tensor, active: Tensor, rho: Tensor, ends) -> Tensor:
     """d_hat·r^(P) − t[:, band p] ∘ Σ_{p' ≥ p} active·(r^(p'))² ρ^(p') (module doc), (N, e_P)."""
     acc = d_hat.dtype
-    k = (_active(t, ends).to(acc) * inv * inv * rho.T).flip(1).cumsum(1).flip(1)
+    k = (active.to(acc) * inv * inv * rho.T).flip(1).cumsum(1).flip(1)
     coef = torch.cat([k[:, p:p + 1].expand(-1, hi - lo) for p, (lo, hi) in enumerate(bands(ends))], dim=1)
     return d_hat * inv[:, -1:] - t[:, :ends[-1]].to(acc) * coef
 
@@ -245,14 +257,15 @@ def _sigma(g_r, g_c, a, c, rat_x, rat_y, cols):
 
 
 def _operands(x, y, ends, normalize, acc):
-    """(x in acc, y in acc, inverse prefix norms, their ratios to the full prefix's, x̂, ŷ) of the backward."""
+    """(x in acc, y in acc, x̂, ŷ, then per side (inverse prefix norms, their ratios to the full prefix's, where
+    active) or None) of the backward."""
     e = ends[-1]
     xa, ya = x.to(acc), y.to(acc)
     if not normalize:
-        return xa, ya, None, None, None, None, xa[:, :e], ya[:, :e]
-    inv_x, inv_y = prefix_inv_norms(x, ends), prefix_inv_norms(y, ends)
-    return (xa, ya, inv_x, inv_y, inv_x / inv_x[:, -1:], inv_y / inv_y[:, -1:], xa[:, :e] * inv_x[:, -1:],
-            ya[:, :e] * inv_y[:, -1:])
+        return xa, ya, xa[:, :e], ya[:, :e], None, None
+    (inv_x, act_x), (inv_y, act_y) = _prefix_norms(x, ends), _prefix_norms(y, ends)
+    return (xa, ya, xa[:, :e] * inv_x[:, -1:], ya[:, :e] * inv_y[:, -1:], (inv_x, inv_x / inv_x[:, -1:], act_x),
+            (inv_y, inv_y / inv_y[:, -1:], act_y))
 
 
 # ------------------------------------------------------------------------------------------------ the fused op
@@ -277,7 +290,8 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
     _check(ends, x.shape[1], kernel, kernel)
     acc = T.acc_dtype(x)
     (n, d), m, P = x.shape, y.shape[0], len(ends)
-    xa, ya, inv_x, inv_y, rat_x, rat_y, xh, yh = _operands(x, y, ends, normalize, acc)
+    xa, ya, xh, yh, nx, ny = _operands(x, y, ends, normalize, acc)
+    (inv_x, rat_x, act_x), (inv_y, rat_y, act_y) = (nx, ny) if normalize else ((None,) * 3,) * 2
     a_, c_, g_r, lse_r, g_c, lse_c = (t.to(acc) for t in (a, c, g_r, lse_r, g_c, lse_c))
     sigma = _sigma(g_r, g_c, a_, c_, rat_x, rat_y, cols)  # on the device: no host read
     da, dc = torch.zeros(n, dtype=acc, device=x.device), torch.zeros(m, dtype=acc, device=x.device)
@@ -292,7 +306,7 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
     dx, dy = _band_products(lambda r0, rc, slabs: fill(r0, rc, slabs, da, dc, rho, sig), xh, yh, ends, acc)
     dx, dy = dx / sigma, dy / sigma
     if normalize:
-        dx, dy = _norm_jacobian(dx, x, inv_x, rho, ends), _norm_jacobian(dy, y, inv_y, sig, ends)
+        dx, dy = _norm_jacobian(dx, x, inv_x, act_x, rho, ends), _norm_jacobian(dy, y, inv_y, act_y, sig, ends)
     if ends[-1] < d:  # the columns past the largest prefix take no part
         dx, dy = (torch.cat([t, t.new_zeros(t.shape[0], d - ends[-1])], dim=1) for t in (dx, dy))
     return dx.to(x.dtype), dy.to(y.dtype), da.to(a.dtype), dc.to(c.dtype)
