@@ -168,8 +168,8 @@ def test_matryoshka_tiles_cost_one_loss_and_equal_the_separate_losses(kind):
 
 @pytest.mark.parametrize("kind", ["ce_rows", "clip"])
 def test_matryoshka_triton_units(kind, dot_flops):
-    """The Triton kernels: the forward sweep and the backward's recompute each run every chunk of the checkpoint
-    schedule (a band narrower than the interpreter's 32-wide K-chunk costs a whole chunk: 9 chunks for 8 here, none
+    """The Triton kernels: the forward sweep and the backward's recompute each run every band's K-chunks (a band
+    narrower than the interpreter's 32-wide K-chunk costs a whole chunk: 9 chunks for 8 here, none
     extra at the GPU's K-chunks of 32/64 for dims that are multiples of them), plus the band GEMMs (2 units)."""
     x, y, s, labels = _m_inputs(kind)
     xf, yf = x.float().requires_grad_(), y.float().requires_grad_()

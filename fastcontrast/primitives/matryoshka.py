@@ -142,7 +142,7 @@ def _tiles_fill(xa, ya, a, c, inv_x, inv_y, rat_x, rat_y, lse_r, lse_c, g_r, g_c
 
 
 # ----------------------------------------------------------------------------------------------- Triton launch
-_ENDS = {}  # (ends, device) -> (the band ends in units of GRAIN on the device, GRAIN), made once per call site
+_ENDS = {}  # (ends, device) -> (band ends in units of GRAIN on the device, GRAIN): copied to the device once
 
 
 def _band_ends(ends, device: torch.device) -> Tuple[Tensor, int]:
