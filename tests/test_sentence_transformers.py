@@ -518,7 +518,7 @@ def test_gist_runs_fused_ops_without_n_by_m(fcst, models, small_blocks):
 
 
 @pytest.mark.parametrize("config", list(MNRL_CONFIGS))
-def test_cached_mnrl_loss_stage_never_needs_more_than_the_package(fcst, models, config):
+def test_cached_mnrl_loss_stage_memory_below_the_package(fcst, models, config):
     """The cached loss's loss stage at N = 1024, M = 2048, mini_batch_size 64: the package holds (64, M) score
     blocks; the patched stage scores the same chunks through the fused ops (row blocks of at most half a chunk),
     its peak below the package's, its loss and cached gradients the package's."""

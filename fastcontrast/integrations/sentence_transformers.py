@@ -14,14 +14,17 @@ package's code, untouched:
   one's own query, one's own documents), ``partition_mode`` (joint: one log-sum-exp over every direction's
   columns; per_direction: the mean of the directions' log-sum-exps) and ``hardness_mode``/``hardness_strength``
   (alpha·stop_grad(S) added to the selected negatives' logits). The loss is −mean_i(s·S_ii − log_z_i): the
-  positive's score is a row dot, each direction's log-sum-exp one :func:`fastcontrast.functional.lse_rows` call
-  that never holds the N×M scores.
+  positive's score is a row dot, each direction's log-sum-exp one :func:`fastcontrast.functional.lse_rows` call,
+  which on the fused backends never holds the N×M scores (``patch(backend="auto")``, the default, decides per
+  call by its size: materialised below the crossover, where that is faster, fused above; docs/backends.md).
 * ``CachedMultipleNegativesRankingLoss.calculate_loss`` (and its symmetric subclass): the same loss on the cached
   embeddings. ``mini_batch_size``/``mini_batch_num_tokens`` bound what they bound in the package: the embedding
   mini-batches of the two model passes (the package's code), and, ``mini_batch_size``, the rows of the loss stage
   scored at a time: the package holds a (mini_batch_size, M) block of scores per chunk (and back-propagates each
   chunk as it goes); here each chunk of rows is one fused call per direction, which holds at most half its rows'
-  scores at a time (the fused kernels' row blocks), so the loss stage never needs more memory than the package's.
+  scores at a time (the fused kernels' row blocks). Both also hold O(M·d) per chunk (the normalised documents and
+  their gradient; the fused call about one M×d more), so where the score blocks dominate the patched stage needs
+  less memory, and at a small mini_batch_size about the package's (benchmarks/RESULTS.md).
 * ``GISTEmbedLoss.forward`` (its embedding part as in the package) and ``CachedGISTEmbedLoss.calculate_loss``:
   ``temperature``, ``margin_strategy``/``margin`` (the false-negative threshold per anchor, from the guide's
   anchor-positive cosine), ``contrast_anchors``, ``contrast_positives``, negatives, ``gather_across_devices``;
@@ -31,8 +34,9 @@ package's code, untouched:
   ``(Cached)MultipleNegativesRankingLoss`` with the one query_to_doc direction and no hardness weighting, the
   weighted sum over the sampled dimensions (``matryoshka_dims``, ``matryoshka_weights``, ``n_dims_per_step``,
   drawn from ``random`` exactly as the package draws them) is one :func:`fastcontrast.functional.
-  matryoshka_ce_rows` call. Around any other configuration or loss, the package's own loop over the dimensions
-  runs and each dimension's loss goes through the patched loss above (fused per dimension).
+  matryoshka_ce_rows` call (per chunk of ``mini_batch_size`` rows around the cached loss). Around any other
+  configuration or loss, the package's own loop over the dimensions runs and each dimension's loss goes through
+  the patched loss above (fused per dimension).
 
 Falls back to the package's own code, with a one-time :class:`FallbackWarning` per loss class and reason, where
 the computation is not one fastcontrast fuses: a similarity function other than cosine or dot
@@ -354,8 +358,9 @@ def compute_loss_from_embeddings(self, embeddings, labels):
 
 
 def cached_mnrl_calculate_loss(self, reps, labels=None, *, with_backward: bool = False):
-    """CachedMultipleNegativesRankingLoss.calculate_loss through fastcontrast: one fused call on the cached
-    embeddings (the GradCache passes around it are the package's)."""
+    """CachedMultipleNegativesRankingLoss.calculate_loss through fastcontrast: the fused loss on the cached
+    embeddings, per chunk of mini_batch_size rows as the package (the GradCache passes around it are the
+    package's)."""
     original = _original(_CMNRL, "calculate_loss")
     if not _State.active.get(_CMNRL):
         return original(self, reps, labels, with_backward=with_backward)
@@ -404,7 +409,8 @@ def gist_forward(self, sentence_features, labels):
 
 
 def cached_gist_calculate_loss(self, reps, reps_guided, with_backward: bool = False):
-    """CachedGISTEmbedLoss.calculate_loss through fastcontrast: one fused call on the cached embeddings."""
+    """CachedGISTEmbedLoss.calculate_loss through fastcontrast: the fused loss on the cached embeddings, per
+    chunk of mini_batch_size rows as the package."""
     original = _original(_CGIST, "calculate_loss")
     if not _State.active.get(_CGIST):
         return original(self, reps, reps_guided, with_backward=with_backward)
