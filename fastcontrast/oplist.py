@@ -160,7 +160,7 @@ def _matryoshka_clip(g, dev, dt, n, m, d, k):
     return dict(_pair(g, dev, dt, n, m, d, k), dims=dims, weights=tuple(1.0 + 0.5 * i for i in range(len(dims))))
 
 
-def _guide_clusters(g, dev, dt, rows, dg=6, clusters=4, cid=None):
+def _guide_clusters(g, dev, dt, rows, dg=16, clusters=4, cid=None):  # dg 16-divisible, as a guide's 768
     """Guide features near one of a few orthonormal directions (cosine ≈ 1 within a cluster, ≈ 0 across): every
     guide score lies far from the thresholds below, so every backend drops the same entries. ``cid``: the rows'
     clusters (default: drawn)."""

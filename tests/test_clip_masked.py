@@ -248,7 +248,8 @@ def test_four_gemm_units_plus_the_guide(dot_flops, guide):
     x, y, neg = (torch.randn(r, d, generator=g).requires_grad_() for r in (n, m, k))
     kw = dict(false_negative_ids=(torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (m,), generator=g)))
     if guide:
-        kw.update(guide_image_features=torch.randn(n, dg, generator=g), guide_text_features=torch.randn(m, dg, generator=g),
+        kw.update(guide_image_features=torch.randn(n, dg, generator=g),
+                  guide_text_features=torch.randn(m, dg, generator=g),
                   guide_text_negatives=torch.randn(k, dg, generator=g))
     with MatmulFlops() as mm:
         fc.clip_loss(x, y, 5.0, text_negatives=neg, backend="triton", **kw).backward()

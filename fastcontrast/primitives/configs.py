@@ -92,9 +92,10 @@ _BASELINE = _with({
 }, _PLAIN)
 
 
-def _hopper(wide16: dict, flags: dict) -> Dict[str, Dict[Tuple[str, str], dict]]:
+def _hopper(wide16: dict, flags: dict, one_cta: Tuple[str, ...] = ()) -> Dict[str, Dict[Tuple[str, str], dict]]:
     """The baseline with every S-tile kernel's 16-bit tile widened to ``wide16`` on sm_90/sm_100 (HGMMA n >= 128;
-    sm_80 keeps its tiles) and the structural switches ``flags`` on every arch."""
+    sm_80 keeps its tiles) and the structural switches ``flags`` on every arch; the kernels of ``one_cta`` take the
+    one-CTA wide tile (_WIDE16, CTAS = 1) there whatever ``wide16`` is."""
     hop = {"sm90": wide16, "sm100": wide16}
     # sm_100's _grad_tile_kernel keeps 128×64: at 128×128 its epilogue (P, Q, G from the TMEM accumulator)
     # spills 640 B at 255 registers (aot, Triton 3.9); sm_100 has no HGMMA-width requirement
@@ -102,10 +103,16 @@ def _hopper(wide16: dict, flags: dict) -> Dict[str, Dict[Tuple[str, str], dict]]
     s_tile = ("_lse_fwd_kernel", "_grad_tile_kernel", "_hinge_fwd_kernel", "_hinge_grad_tile_kernel",
               "_hinge_pair_fwd_kernel", "_hinge_pair_grad_tile_kernel", "_softplus_rows_kernel",
               "_sigmoid_grad_tile_kernel", "_lse_masked_fwd_kernel", "_masked_grad_tile_kernel")
-    t = {k: ({key: dict(hop.get(key[0], cfg)) if key[1] == "16" and not (k in narrow100 and key[0] == "sm100")
-              else dict(cfg) for key, cfg in by.items()}
+    t = {k: ({key: dict(_WIDE16 if k in one_cta and key[0] in hop else hop.get(key[0], cfg))
+              if key[1] == "16" and not (k in narrow100 and key[0] == "sm100") else dict(cfg)
+              for key, cfg in by.items()}
              if k in s_tile else by) for k, by in _BASELINE.items()}
-    return _with(t, flags)
+    out = _with(t, flags)
+    for k in one_cta:  # one CTA per SM: the launcher's column split aims at one wave of them
+        for key, cfg in out[k].items():
+            if key[0] in hop and "CTAS" in cfg:
+                cfg["CTAS"] = 1
+    return out
 
 
 # Variants of the one launch table: each a complete table, selectable at run time (:func:`set_variant`,
@@ -117,13 +124,15 @@ def _hopper(wide16: dict, flags: dict) -> Dict[str, Dict[Tuple[str, str], dict]]
 #   hopper_2cta:  64×128×64 on one warpgroup, 4 stages (96 KB): two CTAs per SM by registers (≤ 255 × 128
 #                 threads) and shared memory, so one's exp2 epilogue runs beside the other's MMAs. Two CTAs of
 #                 128×128 do not fit: a register cap of 128 (maxnreg) spills 360-860 B, and 4 warps holding a
-#                 128×128 fp32 accumulator spill 200-1,464 B (aot, Triton 3.9).
+#                 128×128 fp32 accumulator spill 200-1,464 B (aot, Triton 3.9). The masked forward keeps the
+#                 one-CTA 128×128 tile here: its epilogue (S, the guide's tile, the masks) on 4 warps at 64×128
+#                 spills 856-888 B (aot, Triton 3.9, sm_90/sm_100); 128×128 on 8 warps: 0-440 B.
 VARIANTS: Dict[str, Dict[str, Dict[Tuple[str, str], dict]]] = {
     "baseline": _BASELINE,
     "hopper_tiles": _hopper(_WIDE16, dict(_PLAIN, CTAS=1)),
     "hopper": _hopper(_WIDE16, dict(_HOPPER, CTAS=1)),
     "hopper_2cta": _hopper(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-                           dict(_HOPPER, CTAS=2)),
+                           dict(_HOPPER, CTAS=2), one_cta=("_lse_masked_fwd_kernel",)),
 }
 # The variant each arch runs unless told otherwise. sm_80 keeps the measured baseline until an A100 A/B says
 # otherwise; sm_90/sm_100 run the wide tiles (the default until the H200 A/B of issue 17 sets it).

@@ -1,4 +1,4 @@
-"""The masked log-sum-exp over rows (and optionally columns) of S = x̂ŷᵀ, as the fused op ``fastcontrast::lse_masked``.
+"""The masked log-sum-exp over rows (and optionally columns) of S = x̂ŷᵀ: the fused op ``fastcontrast::lse_masked``.
 
 ``lse_masked(x (N, D), y (M, D), a (N,), c (M,), normalize, <masks>, kernel, backward_kernel)
 -> (lse_row (N,), lse_col (n_stat,))``:
@@ -20,7 +20,8 @@ and gets no gradient. A row (column) whose every entry is dropped has lse = -inf
 a zero gradient. Backward, with upstream g (rows) and h (columns):
 
     P = exp(a S + pen − lse_row) (0 where dropped), Q = exp(c S − lse_col) (0 where dropped),
-    G_ij = g_i a_i P_ij + h_j c_j Q_ij,  dX̂ = G Ŷ,  dŶ = Gᵀ X̂,  da_i = g_i Σ_j P_ij S_ij,  dc_j = h_j Σ_i Q_ij S_ij.
+    G_ij = g_i a_i P_ij + h_j c_j Q_ij,  dX̂ = G Ŷ,  dŶ = Gᵀ X̂,
+    da_i = g_i Σ_j P_ij S_ij,  dc_j = h_j Σ_i Q_ij S_ij.
 
 Kernels: ``triton`` (``lse_masked_triton.py``: the masks inside the tile loop, forward and the backward's G
 tiles) and ``tiles`` (the same tiling in PyTorch: row blocks, online column statistics, G in R×M slabs). Both
@@ -242,8 +243,11 @@ def _kernel_operands(x, y, a, c, normalize, m: Masks):
     dg = gx.shape[1] if guide else 1
     flags = dict(NORM=normalize, GNORM=guide and m.guide_normalize, HAS_KEEP=m.keep is not None,
                  IDS=m.row_ids is not None, EXCL=m.exclude_same, GUIDE=guide, HARD=m.pen_same is not None,
-                 COLS=m.n_stat > 0, PRECISION=T.precision(x.dtype), UPCAST=T.upcast(x),
-                 GPRECISION=T.precision(gx.dtype) if guide else "ieee", GUPCAST=T.upcast(gx) if guide else False)
+                 COLS=m.n_stat > 0, PRECISION=T.precision(x.dtype),
+                 GPRECISION=T.precision(gx.dtype) if guide else "ieee",
+                 # the interpreter's bf16 work-around (tiles._dot) for both dots when either side is bf16 on the CPU
+                 # (the same values in fp32); one flag, which a GPU launch (and the static report) sets False
+                 UPCAST=T.upcast(x) or (guide and T.upcast(gx)))
     strides = (ptrs[0].stride(0), ptrs[1].stride(0), gx.stride(0) if guide else 1, gy.stride(0) if guide else 1)
     # what decides the tile (configs.is_aligned): the row widths and strides, the guide's only where it is read
     align = dict(D=x.shape[1], stride_am=strides[0], stride_bm=strides[1])

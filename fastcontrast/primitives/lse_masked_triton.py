@@ -87,8 +87,8 @@ if triton is not None:
                                GNORM: tl.constexpr, HAS_KEEP: tl.constexpr, IDS: tl.constexpr, EXCL: tl.constexpr,
                                GUIDE: tl.constexpr, HARD: tl.constexpr, COLS: tl.constexpr,
                                PRECISION: tl.constexpr, GPRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                               GUPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_KG: tl.constexpr):
         """Rows' lse (base e) to LSE (or, with several column splits, their max and Σ2^(z − max) to RMAX/RSUM
         [split]); with COLS this row block's column max and Σ2^(z − max) (base 2) to PMAX/PSUM[pid] for the
         first N_STAT columns. Grid (row blocks, column splits)."""
@@ -111,7 +111,7 @@ if triton is not None:
             gs = s
             if GUIDE:  # the guide's tile in the same sweep: a second K loop over Dg
                 gs = _s_tile(GA, GB, ginv_a, ginv_b, rows, cols, row_mask, col_mask, DG, DG, 1, stride_ga,
-                             stride_gb, GNORM, False, GPRECISION, GUPCAST, BLOCK_M, BLOCK_N, BLOCK_KG)
+                             stride_gb, GNORM, False, GPRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_KG)
             sb = sa
             if COLS:
                 sb = tl.load(scale_b + cols, mask=col_mask, other=1.0) * LOG2E
@@ -140,9 +140,9 @@ if triton is not None:
                                  stride_gm, stride_pa, stride_pb, NORM: tl.constexpr, GNORM: tl.constexpr,
                                  HAS_KEEP: tl.constexpr, IDS: tl.constexpr, EXCL: tl.constexpr, GUIDE: tl.constexpr,
                                  HARD: tl.constexpr, COLS: tl.constexpr, PRECISION: tl.constexpr,
-                                 GPRECISION: tl.constexpr, UPCAST: tl.constexpr, GUPCAST: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                 BLOCK_KG: tl.constexpr, GROUP: tl.constexpr = 1):
+                                 GPRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
+                                 GROUP: tl.constexpr = 1):
         """One S tile (and its guide tile) -> σ·G tile to the row-chunk slab; g·Σ_j P·S per row to
         PART_A[column tile, slab row] and (COLS) h·Σ_i Q·S per column to PART_B[row tile, column]."""
         pid_m, pid_n, local, rows, row_mask, cols, col_mask = _slab_tile_grouped(row0, Na_chunk, Nb, BLOCK_M,
@@ -152,7 +152,7 @@ if triton is not None:
         gs = s
         if GUIDE:
             gs = _s_tile(GA, GB, ginv_a, ginv_b, rows, cols, row_mask, col_mask, DG, DG, 1, stride_ga, stride_gb,
-                         GNORM, False, GPRECISION, GUPCAST, BLOCK_M, BLOCK_N, BLOCK_KG)
+                         GNORM, False, GPRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_KG)
         a = tl.load(scale_a + rows, mask=row_mask, other=0.0)
         b = a
         if COLS:
