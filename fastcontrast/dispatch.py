@@ -78,7 +78,7 @@ class Entry:
 
 
 # What a call can need that not every kernel computes (``resolve(..., needs=...)``, ``register(..., lacks=...)``).
-NEEDS = ("masks",)
+NEEDS = ("masks", "prefixes")  # masks: lse_masked; prefixes: Matryoshka's nested prefixes
 
 
 @dataclasses.dataclass(frozen=True)

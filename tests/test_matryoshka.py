@@ -284,12 +284,20 @@ def test_bad_features_scale_and_labels():
     assert torch.isnan(out) and torch.isnan(torch.autograd.grad(out, X)[0]).all()  # no host sync: NaN, not a number
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("kind", sorted(OPS))
-def test_backends_without_kernels_refuse_with_the_reason(kind, backend):
+def test_csrc_backends_run_the_tiles(kind):
+    """csrc has no Matryoshka kernels: backend "cpu" (and CPU "auto" above the crossover) runs the O((N+M)·D)
+    PyTorch tiles, decided by the dispatcher ("prefixes"), never the materialised reference; "cuda" needs CUDA."""
+    from fastcontrast.dispatch import crossover, resolve
+
+    op = OPS[kind][0]
+    if fc.dispatch.unavailable_reason(op, "cpu", torch.device("cpu")) is None:
+        assert resolve(op, "cpu", torch.device("cpu"), needs=("prefixes",)).kernel == "tiles"
+        big = crossover("cpu") + 1
+        assert resolve(op, "auto", torch.device("cpu"), big, needs=("prefixes",)).kernel == "tiles"
     y = Y if kind == "ce_rows" else Y[:4]
-    with pytest.raises(BackendUnavailableError, match=rf"backend '{backend}' is unavailable for '{OPS[kind][0]}': "):
-        OPS[kind][1](X, y, 2.0, dims=(8, 4), backend=backend)
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is unavailable for .*CUDA tensors"):
+        OPS[kind][1](X, y, 2.0, dims=(8, 4), backend="cuda")
 
 
 @pytest.mark.parametrize("backend", ["triton", "tiles"])
@@ -301,8 +309,9 @@ def test_fused_backward_refuses_create_graph(kind, backend):
     loss = _call(kind, x, y, s, labels, dims=(8, 3), weights=(1.0, 1.0), backend="triton")
     first = torch.autograd.grad(loss, (x, y, s), retain_graph=True)  # first order: unaffected
     assert all(torch.isfinite(t).all() for t in first)
-    with pytest.raises(RuntimeError, match=rf"^fastcontrast: double backward is not supported by backend "
-                                           rf"'{backend}' for the fused Matryoshka .*use backend='reference'"):
+    # the error names the backend the call asked for (triton), whichever kernel ran (float64: the tiles)
+    with pytest.raises(RuntimeError, match=r"^fastcontrast: double backward is not supported by backend "
+                                           r"'triton' for the fused Matryoshka .*use backend='reference'"):
         torch.autograd.grad(loss, (x, y, s), create_graph=True)
 
 

@@ -95,7 +95,7 @@ def _dense_lse(x, y, a, c, ends, normalize, cols):
 
 
 def _fused_lse(impl):
-    return MP.MatryoshkaLse(impl.kernel, impl.backward_kernel)
+    return MP.MatryoshkaLse(impl.kernel, impl.backward_kernel, impl.backend)
 
 
 def _increasing(dims, weights):
@@ -145,5 +145,7 @@ register("matryoshka_clip", "reference")(matryoshka_clip_reference)
 register("matryoshka_clip", "dense")(matryoshka_clip_dense)
 # Triton only: csrc has no Matryoshka kernel (the dispatcher refuses 'cpu'/'cuda', naming the op); float64 runs the
 # PyTorch tiles of the same algorithm (the Triton kernels compute in float32)
-register_fused("matryoshka_ce_rows", matryoshka_ce_rows_fused, backends=("triton",), triton_float64="tiles")
-register_fused("matryoshka_clip", matryoshka_clip_fused, backends=("triton",), triton_float64="tiles")
+# csrc has no Matryoshka kernels: its backends run the PyTorch tiles (the dispatcher's "prefixes" rule), so CPU
+# "auto" above the crossover takes the O((N+M)·D) tiles, not the materialised reference
+register_fused("matryoshka_ce_rows", matryoshka_ce_rows_fused, triton_float64="tiles", csrc_lacks=("prefixes",))
+register_fused("matryoshka_clip", matryoshka_clip_fused, triton_float64="tiles", csrc_lacks=("prefixes",))

@@ -104,7 +104,8 @@ def matryoshka_ce_rows(queries: Tensor, keys: Tensor, logit_scale: Scalar, label
     labels = V.check_labels(labels, n, m, queries)
     normalize = _check_normalize(normalize)
     V.check_finite(queries=queries, keys=keys)
-    impl = resolve("matryoshka_ce_rows", backend, queries.device, n * m * len(dims), queries.dtype)
+    impl = resolve("matryoshka_ce_rows", backend, queries.device, n * m * len(dims), queries.dtype,
+                   needs=("prefixes",))
     labels, bad = V.labels_guard(labels, m)  # out-of-range labels: NaN, not a plausible number
     return V.poison(impl(queries, keys, scale, labels, dims, w, normalize), bad)
 
@@ -130,6 +131,7 @@ def matryoshka_clip_loss(image_features: Tensor, text_features: Tensor, logit_sc
     labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
     normalize = _check_normalize(normalize)
     V.check_finite(image_features=image_features, text_features=text_features)
-    impl = resolve("matryoshka_clip", backend, image_features.device, n * m * len(dims), image_features.dtype)
+    impl = resolve("matryoshka_clip", backend, image_features.device, n * m * len(dims), image_features.dtype,
+                   needs=("prefixes",))
     labels, bad = V.labels_guard(labels, m)
     return V.poison(impl(image_features, text_features, scale, labels, dims, w, normalize), bad)

@@ -270,15 +270,16 @@ def _operands(x, y, ends, normalize, acc):
 
 # ------------------------------------------------------------------------------------------------ the fused op
 def _forward(x: Tensor, y: Tensor, a: Tensor, c: Tensor, ends: List[int], normalize: bool, cols: bool, kernel: str,
-             backward_kernel: str) -> Tuple[Tensor, Tensor]:
-    """(lse_row (P, N), lse_col (P, M) or (P, 0)) of every prefix (module doc); S^(p) never materialised."""
+             backward_kernel: str, backend: str = "") -> Tuple[Tensor, Tensor]:
+    """(lse_row (P, N), lse_col (P, M) or (P, 0)) of every prefix (module doc); S^(p) never materialised.
+    ``backend``: the dispatcher's backend that chose these kernels (named by the double-backward error)."""
     _check(ends, x.shape[1], kernel, backward_kernel)
     if kernel == "triton":
         return _triton_fwd(x, y, a, c, ends, normalize, cols)
     return _tiles_fwd(x, y, a, c, ends, normalize, cols)
 
 
-def _forward_fake(x, y, a, c, ends, normalize, cols, kernel, backward_kernel):
+def _forward_fake(x, y, a, c, ends, normalize, cols, kernel, backward_kernel, backend=""):
     acc = T.acc_dtype(x)
     return x.new_empty(len(ends), x.shape[0], dtype=acc), x.new_empty(len(ends), y.shape[0] if cols else 0, dtype=acc)
 
@@ -322,10 +323,10 @@ MATRYOSHKA_ALTERNATIVE = "backend='reference' (or backend='dense')"
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, a, c, ends, normalize, cols, kernel, backward_kernel = inputs
+    x, y, a, c, ends, normalize, cols, kernel, backward_kernel, backend = inputs
     ctx.save_for_backward(x, y, a, c, *output)
     ctx.ends, ctx.normalize, ctx.cols = list(ends), normalize, cols
-    ctx.kernel, ctx.backward_kernel = kernel, backward_kernel
+    ctx.kernel, ctx.backward_kernel, ctx.backend = kernel, backward_kernel, backend
 
 
 def _gradients(ctx, backward_op, g_r, g_c):
@@ -334,13 +335,14 @@ def _gradients(ctx, backward_op, g_r, g_c):
     g_c = torch.zeros_like(lse_c) if g_c is None else g_c
     dx, dy, da, dc = backward_op(g_r, g_c, x, y, a, c, lse_r, lse_c, ctx.ends, ctx.normalize, ctx.cols,
                                  ctx.backward_kernel)
-    return dx, dy, da, dc, None, None, None, None, None
+    return dx, dy, da, dc, None, None, None, None, None, None
 
 
 matryoshka_lse, matryoshka_lse_backward = fused_op(
     "matryoshka_lse", _forward, _backward, forward_fake=_forward_fake, backward_fake=_backward_fake,
     setup_context=_setup_context, gradients=_gradients,
-    check_create_graph=lambda ctx: T.no_double_backward(MATRYOSHKA_OP, ctx.kernel, MATRYOSHKA_ALTERNATIVE),
+    check_create_graph=lambda ctx: T.no_double_backward(MATRYOSHKA_OP, ctx.backend or ctx.kernel,
+                                                        MATRYOSHKA_ALTERNATIVE),
     autocast=(0, 1), backward_autocast=(2, 3),  # x, y follow the package's autocast policy (_amp)
     double_backward=DoubleBackward(MATRYOSHKA_OP, MATRYOSHKA_ALTERNATIVE, kernel_of=lambda inputs: inputs[11]))
 
@@ -348,8 +350,9 @@ matryoshka_lse, matryoshka_lse_backward = fused_op(
 class MatryoshkaLse:
     """``matryoshka_lse`` with the dispatcher's kernels bound: ``self(x, y, a, c, ends, normalize, cols)``."""
 
-    def __init__(self, kernel: str, backward_kernel: str):
-        self.kernel, self.backward_kernel = kernel, backward_kernel
+    def __init__(self, kernel: str, backward_kernel: str, backend: str = ""):
+        self.kernel, self.backward_kernel, self.backend = kernel, backward_kernel, backend
 
     def __call__(self, x, y, a, c, ends, normalize=True, cols=False):
-        return matryoshka_lse(x, y, a, c, list(ends), bool(normalize), bool(cols), self.kernel, self.backward_kernel)
+        return matryoshka_lse(x, y, a, c, list(ends), bool(normalize), bool(cols), self.kernel, self.backward_kernel,
+                              self.backend)
