@@ -66,31 +66,18 @@ class _RingInfoNCE(torch.autograd.Function):
         lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
         gx_row = gx_col = None  # with ids: Σ over blocks of the target terms' x-gradients (N, D)
         blk = [y.contiguous()] + ([tid.contiguous(), c.contiguous()] if ids else [])
-        col = None  # the accumulated column lse of the block held one step ago
-        for step in range(world):
-            ops, nblk, ncol = [], None, None
-            if step < world - 1:  # the next block, while this one is scored
-                nblk = empties(blk)
-                ops += shift_ops(blk, nblk, nxt, prv, _TAG_BLK)
-            if step > 0:  # the statistics of this block, accumulated by the ranks it visited before
-                ncol = torch.empty_like(col)
-                ops += shift_ops([col], [ncol], nxt, prv, _TAG_STAT)
-            pending = post(ops, group, x.device)
+
+        def score(step, blk):  # the block's row statistics here, its column statistics travel on
+            nonlocal lse_r, gx_row, gx_col
             lr, lc = lse(x, blk[0], a, ac, b)
             lse_r = torch.logaddexp(lse_r, lr.to(acc))
             if ids:
                 gr, gc = _ring_pos(blk[0].to(acc), iid, blk[1], r, blk[2])
                 gx_row = gr if gx_row is None else gx_row + gr
                 gx_col = gc if gx_col is None else gx_col + gc
-            pending.wait()
-            col = lc.to(acc) if ncol is None else torch.logaddexp(ncol, lc.to(acc))
-            if nblk is not None:
-                blk = nblk
-        if world > 1:  # block r+1's statistics go home; block r's arrive after their full turn
-            lse_c = torch.empty_like(col)
-            post(shift_ops([col], [lse_c], nxt, prv, _TAG_STAT), group, x.device).wait()
-        else:
-            lse_c = col
+            return lc.to(acc)
+
+        lse_c = _ring_pass(blk, _TAG_BLK, (world, nxt, prv, group), x.device, score, torch.logaddexp)
         n_global, m_global = n * world, m * world
         ctx.group, ctx.n_global, ctx.m_global, ctx.ids, ctx.lse = group, n_global, m_global, ids, lse
         if not ids:
@@ -128,16 +115,9 @@ class _RingInfoNCE(torch.autograd.Function):
         dx = torch.zeros(n, x.shape[1], dtype=acc, device=x.device)
         da_total = torch.zeros((), dtype=acc, device=x.device)
         blk = [y.contiguous(), lse_c] + ([tid.contiguous(), c.contiguous()] if ctx.ids else [])
-        blk_dy = None
-        for step in range(world):
-            ops, nblk, ndy = [], None, None
-            if step < world - 1:
-                nblk = empties(blk)
-                ops += shift_ops(blk, nblk, nxt, prv, _TAG_BLK)
-            if step > 0:
-                ndy = torch.empty_like(blk_dy)
-                ops += shift_ops([blk_dy], [ndy], nxt, prv, _TAG_STAT)
-            pending = post(ops, ctx.group, x.device)
+
+        def grad(step, blk):  # dx, da here; the block's dy travels on
+            nonlocal dx, da_total
             if ctx.ids:  # softmax − target: the masked lse slabs, and the block's target terms
                 w_col = torch.where(blk[3] > 0, wc, 0.0).contiguous()
             else:
@@ -148,15 +128,9 @@ class _RingInfoNCE(torch.autograd.Function):
             dyh = dyh.to(acc)
             if ctx.ids:
                 dyh = dyh - a[0] * _ring_pos_dy(xa, iid, blk[2], r, blk[3], wr, wc)
-            pending.wait()
-            blk_dy = dyh if ndy is None else ndy + dyh
-            if nblk is not None:
-                blk = nblk
-        if world > 1:
-            dy = torch.empty_like(blk_dy)
-            post(shift_ops([blk_dy], [dy], nxt, prv, _TAG_STAT), ctx.group, x.device).wait()
-        else:
-            dy = blk_dy
+            return dyh
+
+        dy = _ring_pass(blk, _TAG_BLK, (world, nxt, prv, ctx.group), x.device, grad, torch.add)
         if ctx.ids:
             dx = dx - a[0] * (wr * gx_row + wc * gx_col)
             dscale = da_total - (wr * t_row + wc * t_col)
@@ -266,25 +240,15 @@ class _RingMasked(torch.autograd.Function):
         acc = T.acc_dtype(x)
         a, ac = scale.to(acc).expand(n).contiguous(), scale.to(acc).expand(keys.shape[0]).contiguous()
         lse_r = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
-        blk = _masked_block(keys, tid, gkeys, thr_c)
-        col = None
-        for step in range(world):
-            ops, nblk, ncol = [], None, None
-            if step < world - 1:
-                nblk = empties(blk)
-                ops += shift_ops(blk, nblk, nxt, prv, _TAG_MBLK)
-            if step > 0:
-                ncol = torch.empty_like(col)
-                ops += shift_ops([col], [ncol], nxt, prv, _TAG_STAT)
-            pending = post(ops, group, x.device)
-            masks = _block_masks(blk, step == 0, n, m_l, iid, gx, thr_r)
-            lr, lc = lse(x, blk[0], a, ac, False, masks)
+
+        def score(step, blk):  # the block's row statistics here, its texts' column statistics travel on
+            nonlocal lse_r
+            lr, lc = lse(x, blk[0], a, ac, False, _block_masks(blk, step == 0, n, m_l, iid, gx, thr_r))
             lse_r = torch.logaddexp(lse_r, lr.to(acc))
-            pending.wait()
-            col = lc.to(acc) if ncol is None else torch.logaddexp(ncol, lc.to(acc))
-            if nblk is not None:
-                blk = nblk
-        lse_c = _home(col, world, nxt, prv, group, x.device)
+            return lc.to(acc)
+
+        lse_c = _ring_pass(_masked_block(keys, tid, gkeys, thr_c), _TAG_MBLK, (world, nxt, prv, group), x.device,
+                           score, torch.logaddexp)
         pos = (x.to(acc) * keys[:m_l].to(acc)).sum(dim=1)
         total = ((lse_r - a * pos).sum() + (lse_c - a[:m_l] * pos).sum()).detach().clone()
         dist.all_reduce(total, group=group)
@@ -304,27 +268,18 @@ class _RingMasked(torch.autograd.Function):
         w = (g.to(acc) * world / (2 * ctx.n_global)).expand(n).contiguous()  # world×: DDP averages (open_clip)
         dx = torch.zeros(n, x.shape[1], dtype=acc, device=x.device)
         dscale = torch.zeros((), dtype=acc, device=x.device)
-        blk = _masked_block(keys, tid, gkeys, thr_c) + [lse_c]
-        blk_dk = None
-        for step in range(world):
-            ops, nblk, ndk = [], None, None
-            if step < world - 1:
-                nblk = empties(blk)
-                ops += shift_ops(blk, nblk, nxt, prv, _TAG_MBLK)
-            if step > 0:
-                ndk = torch.empty_like(blk_dk)
-                ops += shift_ops([blk_dk], [ndk], nxt, prv, _TAG_STAT)
-            pending = post(ops, ctx.group, x.device)
+
+        def grad(step, blk):  # dx, ds here; the block's dk travels on
+            nonlocal dx, dscale
             masks = _block_masks(blk[:-1], step == 0, n, m_l, iid, gx, thr_r)
             dxh, dkh, da, dc = ctx.lse.backward(w, w[:m_l], x, blk[0], a, ac, False, masks, lse_r, blk[-1],
                                                 acc_out=True)
             dx += dxh
             dscale = dscale + da.sum() + dc.sum()
-            pending.wait()
-            blk_dk = dkh.to(acc) if ndk is None else ndk + dkh.to(acc)
-            if nblk is not None:
-                blk = nblk
-        dk = _home(blk_dk, world, nxt, prv, ctx.group, x.device)
+            return dkh.to(acc)
+
+        dk = _ring_pass(_masked_block(keys, tid, gkeys, thr_c) + [lse_c], _TAG_MBLK, (world, nxt, prv, ctx.group),
+                        x.device, grad, torch.add)
         # the positive terms −a·pos appear once in each direction
         dx = dx - (2 * w * a)[:, None] * keys[:m_l].to(acc)
         dk[:m_l] -= (2 * w * a)[:, None] * x.to(acc)
@@ -346,6 +301,32 @@ def _block_masks(blk, own: bool, n: int, m_l: int, iid, gx, thr_r):
     keep = torch.arange(n, device=blk[0].device) if own else None
     return Masks(keep=keep, row_ids=iid, col_ids=tid, exclude_same=iid is not None, guide_x=gx, guide_y=gkeys,
                  guide_normalize=True, thr_r=thr_r, thr_c=thr_c, n_stat=m_l)
+
+
+def _ring_pass(blk, tag: int, ring, device, compute, combine) -> Tensor:
+    """The W steps of one pass of text blocks around the ring (``ring`` = (world, next rank, previous rank, group)).
+    Step k: the next block is posted (sent to the next rank, received from the previous one) together with what
+    the ranks the held block visited before accumulated for it (from step 1); then ``compute(k, block)`` returns
+    this rank's part for the block (its column statistics, its gradient), which after the wait is combined with
+    the received part (``combine(received, part)``) and travels one step behind the block. Returns the block's
+    total once it is home (block r's arrives after its full turn)."""
+    world, nxt, prv, group = ring
+    carried = None
+    for step in range(world):
+        ops, nblk, got = [], None, None
+        if step < world - 1:  # the next block, while this one is computed
+            nblk = empties(blk)
+            ops += shift_ops(blk, nblk, nxt, prv, tag)
+        if step > 0:  # what the ranks this block visited before accumulated for it
+            got = torch.empty_like(carried)
+            ops += shift_ops([carried], [got], nxt, prv, _TAG_STAT)
+        pending = post(ops, group, device)
+        part = compute(step, blk)
+        pending.wait()
+        carried = part if got is None else combine(got, part)
+        if nblk is not None:
+            blk = nblk
+    return _home(carried, world, nxt, prv, group, device)
 
 
 def _home(t: Tensor, world: int, nxt: int, prv: int, group, device) -> Tensor:
