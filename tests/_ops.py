@@ -40,3 +40,16 @@ def uncovered(table_names, exempt=()) -> list:
     parentheses) does not cover, besides ``exempt``."""
     covered = {n.split("(")[0] for n in table_names}
     return sorted({o.public for o in oplist.OPS} - covered - set(exempt))
+
+
+def assert_linear_memory(peak, sizes=(512, 1024, 2048), largest=None):
+    """``peak(n, fused)`` -> a PeakMemory probe of one step at batch n: the fused path's extra memory grows
+    linearly in n, the materialised reference's quadratically (so the probe can fail), and no tensor of the fused
+    path exceeds ``largest`` bytes at the last size (no N×M buffer, not even a boolean one)."""
+    tiled = [peak(n, True) for n in sizes]
+    ref = [peak(n, False) for n in sizes]
+    assert tiled[2].peak / tiled[1].peak < 2.3, [t.peak for t in tiled]
+    assert ref[2].peak / ref[1].peak > 3.5, [r.peak for r in ref]
+    if largest is not None:
+        assert tiled[2].largest < largest, (tiled[2].largest, largest)
+    return tiled, ref

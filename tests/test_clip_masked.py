@@ -11,7 +11,7 @@ import torch
 
 import fastcontrast as fc
 from _gloo import run_ranks
-from _ops import backend_params
+from _ops import assert_linear_memory, backend_params
 from conftest import INTERPRET, kernel_device
 from fastcontrast.dispatch import kernel_impl
 from fastcontrast.primitives import tiles as _tiles
@@ -275,12 +275,7 @@ def _peak(n, fused):
 
 def test_extra_memory_is_linear_in_n(monkeypatch):
     monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 64)
-    sizes = (512, 1024, 2048)
-    tiled = [_peak(n, True) for n in sizes]
-    ref = [_peak(n, False) for n in sizes]
-    assert tiled[2].peak / tiled[1].peak < 2.3, [t.peak for t in tiled]
-    assert ref[2].peak / ref[1].peak > 3.5, [r.peak for r in ref]
-    assert tiled[2].largest < 2048 * 3072 * 4 / 8  # no N×(M+K) buffer, not even a boolean one
+    tiled, ref = assert_linear_memory(_peak, largest=2048 * 3072 * 4 / 8)  # no N×(M+K) buffer, not even a bool
     assert tiled[2].peak < ref[2].peak / 8
 
 

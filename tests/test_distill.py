@@ -1,16 +1,12 @@
 """DistillClipLoss: equal to open_clip 3.3.0's (both outputs, gradients of the student and its scale; the teacher
 untouched) on every backend, O(N·D) extra memory on the fused path, torch.compile, and 2 gloo ranks."""
-import datetime
-import os
-import sys
-import tempfile
+import functools
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastcontrast as fc
+from _gloo import run_ranks
 from _ops import backend_params
 from conftest import kernel_device
 from fastcontrast.tools.memtrack import PeakMemory
@@ -162,36 +158,24 @@ def _global(world):
     return [torch.randn(world * N_LOCAL, k, generator=g, dtype=torch.float64) for k in (D, D, DT, DT)]
 
 
-def _worker(rank, world, init_file, out_dir, local_loss, gather_with_grad):
-    os.environ.pop("TRITON_INTERPRET", None)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        sys.path.insert(0, os.path.dirname(__file__))
-        from test_open_clip_parity import oc as oc_loss
+def _distill_ranks(local_loss, gather_with_grad, rank, world):
+    """One gloo rank (tests/_gloo.py): ours and open_clip's DistillClipLoss on this rank's slice of the batch."""
+    from test_open_clip_parity import oc as oc_loss
 
-        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-        x, y, tx, ty = (t[sl] for t in _global(world))
-        kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
-        res = {"ours": _run(fc.DistillClipLoss(backend="cpu" if fc.dispatch.unavailable_reason(
-            "distill", "cpu", x.device) is None else "reference", **kw), x, y, tx, ty)}
-        if oc_loss is not None:
-            res["theirs"] = _run(oc_loss.DistillClipLoss(**kw), x, y, tx, ty)
-        torch.save(res, os.path.join(out_dir, f"r{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    x, y, tx, ty = (t[sl] for t in _global(world))
+    kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+    res = {"ours": _run(fc.DistillClipLoss(backend="cpu" if fc.dispatch.unavailable_reason(
+        "distill", "cpu", x.device) is None else "reference", **kw), x, y, tx, ty)}
+    if oc_loss is not None:
+        res["theirs"] = _run(oc_loss.DistillClipLoss(**kw), x, y, tx, ty)
+    return res
 
 
 @needs_oc
 @pytest.mark.parametrize("local_loss,gather_with_grad", [(False, False), (True, True)])
 def test_two_ranks_equal_open_clip(local_loss, gather_with_grad):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d, local_loss, gather_with_grad), nprocs=2, join=True)
-        results = [torch.load(os.path.join(d, f"r{r}.pt")) for r in range(2)]
+    results = run_ranks(functools.partial(_distill_ranks, local_loss, gather_with_grad), 2)
     for r in results:
         _close(r["ours"], r["theirs"], 1e-9, 1e-11)
     if not local_loss:  # every rank computes the global batch's loss: equal to one process on it

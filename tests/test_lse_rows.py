@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from _ops import backend_params
+from _ops import assert_linear_memory, backend_params
 from conftest import kernel_device
 from fastcontrast.dispatch import kernel_impl, resolve
 from fastcontrast.primitives import lse_masked as LM
@@ -414,12 +414,7 @@ def _peak(n, fused):
 
 def test_extra_memory_is_linear_in_n(monkeypatch):
     monkeypatch.setattr(_tiles, "rows_per_block", lambda *a: 64)
-    sizes = (512, 1024, 2048)
-    tiled = [_peak(n, True) for n in sizes]
-    ref = [_peak(n, False) for n in sizes]
-    assert tiled[2].peak / tiled[1].peak < 2.3, [t.peak for t in tiled]
-    assert ref[2].peak / ref[1].peak > 3.5, [r.peak for r in ref]  # the probe sees the N×M matrices when they exist
-    assert tiled[2].largest < 2048 * 2048 * 4 / 8  # no N×M buffer, not even a boolean one
+    tiled, ref = assert_linear_memory(_peak, largest=2048 * 2048 * 4 / 8)  # no N×M buffer, not even a boolean one
     assert tiled[2].peak < ref[2].peak / 8
 
 
@@ -443,7 +438,7 @@ def test_the_dispatcher_gives_masked_calls_the_tiles_on_csrc_backends():
         assert (masked.kernel, masked.backward_kernel) == ("tiles", "tiles")
         # an op without masks keeps its kernels whatever the call says it needs: nothing there lacks them
         assert resolve("infonce", backend, dev, 100, torch.float32).kernel == backend
-    with pytest.raises(ValueError, match=r"needs must be a subset of \('masks',\)"):
+    with pytest.raises(ValueError, match=r"needs must be a subset of \('masks', 'prefixes'\), got unknown"):
         resolve("lse_rows", "reference", cpu, 100, torch.float32, needs=("bias",))
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="csrc"):  # no silent fallback below the dispatcher

@@ -10,19 +10,11 @@ import torch
 
 from _gloo import run_ranks
 from _thirdparty import missing, torchvision_shim
-from test_sentence_transformers import (assert_same, batch, load_model, loss_and_grads, save_tiny_bert, sentences,
-                                        st_losses)
+from test_sentence_transformers import (assert_same, batch, load_model, loss_and_grads, one_thread,  # noqa: F401
+                                        save_tiny_bert, sentences, st_losses)  # one_thread: the autouse fixture
 
 pytestmark = pytest.mark.skipif(missing("sentence_transformers", "datasets") is not None,
                                 reason="sentence-transformers is not installed (scripts/dev_env.sh --test installs it)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

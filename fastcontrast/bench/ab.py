@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .impls import _configs, loss_fn, make_inputs
-from .timing import _NAN_ROW, _Sink, _device_name, _free, _leaves, _progress, _stats, _stream_line, time_ms
+from .timing import _NAN_ROW, _Sink, _device_name, _free, _progress, _stats, _stream_line, phases, time_ms
 
 
 
@@ -67,16 +67,7 @@ def ab_run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, va
             _progress(i, len(work), f"A/B {op} N={n}")
         _free(dev)
         inputs = make_inputs(op, n, dim, dev, dtype)
-        fn = loss_fn(op, "triton")
-        leaves = _leaves(inputs)
-
-        def fwd():
-            fn(**inputs)
-
-        def fwd_bwd():
-            for t in leaves:
-                t.grad = None
-            fn(**inputs).backward()
+        fwd, fwd_bwd = phases(loss_fn(op, "triton"), inputs)
 
         base_row = {"op": op, "n": n, "d": dim, "floor_ms": float("nan"), "bound": ""}
         try:

@@ -181,15 +181,9 @@ def _leaves(inputs) -> List[torch.Tensor]:
     return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def measure(fn: Callable, inputs: Dict[str, torch.Tensor], dev: torch.device, reps: int = 5,
-            budget_s: float = 2.0, grads_in_forward: bool = False) -> dict:
-    """min/median/max of the training forward (autograd recording, output dropped) and of forward+backward,
-    and the peak memory beyond the inputs during forward+backward (gradients included), for one row.
-
-    Each phase: warm-up calls (the first compiles) until 0.05 s is spent, then ``reps`` timed calls, fewer
-    (at least 3) once ``budget_s`` is spent. On CUDA the peak is read over the timed forward+backward calls
-    (each starts by dropping the last gradients, so it is the peak of one step); on the CPU one tracked call.
-    ``grads_in_forward``: the forward computes the gradients, so its time is reported in the note only."""
+def phases(fn: Callable, inputs: Dict[str, torch.Tensor]):
+    """(fwd, fwd_bwd) closures of one loss on ``inputs``: the training forward (the output dropped), and the
+    forward and ``.backward()`` after dropping the leaves' last gradients (so each call is one step)."""
     leaves = _leaves(inputs)
 
     def fwd():
@@ -200,6 +194,20 @@ def measure(fn: Callable, inputs: Dict[str, torch.Tensor], dev: torch.device, re
             t.grad = None
         fn(**inputs).backward()
 
+    return fwd, fwd_bwd
+
+
+def measure(fn: Callable, inputs: Dict[str, torch.Tensor], dev: torch.device, reps: int = 5,
+            budget_s: float = 2.0, grads_in_forward: bool = False) -> dict:
+    """min/median/max of the training forward (autograd recording, output dropped) and of forward+backward,
+    and the peak memory beyond the inputs during forward+backward (gradients included), for one row.
+
+    Each phase: warm-up calls (the first compiles) until 0.05 s is spent, then ``reps`` timed calls, fewer
+    (at least 3) once ``budget_s`` is spent. On CUDA the peak is read over the timed forward+backward calls
+    (each starts by dropping the last gradients, so it is the peak of one step); on the CPU one tracked call.
+    ``grads_in_forward``: the forward computes the gradients, so its time is reported in the note only."""
+    fwd, fwd_bwd = phases(fn, inputs)
+    leaves = _leaves(inputs)
     row = _stats("fwd", time_ms(fwd, dev, warmup=1, reps=reps, budget_s=budget_s, warmup_s=0.05))
     notes = []
     if grads_in_forward:

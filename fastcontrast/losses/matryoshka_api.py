@@ -50,6 +50,18 @@ def check_dims(dims, weights, d: int, like: Tensor) -> Tuple[Tuple[int, ...], Te
     return dims, _weights(weights, len(dims), like)
 
 
+def _check_inputs(first, second, logit_scale, dims, weights, normalize):
+    """The checks both public functions make on (name, features) pairs and the Matryoshka arguments: (scale,
+    dims, weights, normalize)."""
+    (na, a), (nb, b) = first, second
+    V.check_features(na, a, 2)
+    V.check_features(nb, b, 2)
+    V.check_pair(na, a, nb, b)
+    scale = V.as_scalar_tensor("logit_scale", logit_scale, a)
+    dims, w = check_dims(dims, weights, a.shape[1], a)
+    return scale, dims, w, _check_normalize(normalize)
+
+
 def _weights(weights, p: int, like: Tensor) -> Tensor:
     wdt = acc_dtype(like)
     if weights is None:
@@ -90,19 +102,15 @@ def matryoshka_ce_rows(queries: Tensor, keys: Tensor, logit_scale: Scalar, label
     multiplier (MNRL's ``scale``, 20). dims: strictly decreasing, each ≤ D; weights: one per dim (default 1).
     Returns a 0-d float32 loss (float64 for float64 features).
     """
-    V.check_features("queries", queries, 2)
-    V.check_features("keys", keys, 2)
-    V.check_pair("queries", queries, "keys", keys)
+    scale, dims, w, normalize = _check_inputs(("queries", queries), ("keys", keys), logit_scale, dims, weights,
+                                              normalize)
     n, m = queries.shape[0], keys.shape[0]
-    scale = V.as_scalar_tensor("logit_scale", logit_scale, queries)
-    dims, w = check_dims(dims, weights, queries.shape[1], queries)
     if labels is None:
         if m < n:
             raise ValueError(f"labels are required when keys has fewer rows than queries ({m} < {n}): the default "
                              "pairs query i with key i")
         labels = torch.arange(n, device=queries.device)
     labels = V.check_labels(labels, n, m, queries)
-    normalize = _check_normalize(normalize)
     V.check_finite(queries=queries, keys=keys)
     impl = resolve("matryoshka_ce_rows", backend, queries.device, n * m * len(dims), queries.dtype,
                    needs=("prefixes",))
@@ -122,14 +130,10 @@ def matryoshka_clip_loss(image_features: Tensor, text_features: Tensor, logit_sc
     N = M), as in :func:`fastcontrast.clip_loss`; dims strictly decreasing, each ≤ D; weights one per dim (default
     1). Returns a 0-d float32 loss (float64 for float64 features).
     """
-    V.check_features("image_features", image_features, 2)
-    V.check_features("text_features", text_features, 2)
-    V.check_pair("image_features", image_features, "text_features", text_features)
+    scale, dims, w, normalize = _check_inputs(("image_features", image_features), ("text_features", text_features),
+                                              logit_scale, dims, weights, normalize)
     n, m = image_features.shape[0], text_features.shape[0]
-    scale = V.as_scalar_tensor("logit_scale", logit_scale, image_features)
-    dims, w = check_dims(dims, weights, image_features.shape[1], image_features)
     labels = V.check_labels(labels, n, m, image_features, diagonal_as_none=True)
-    normalize = _check_normalize(normalize)
     V.check_finite(image_features=image_features, text_features=text_features)
     impl = resolve("matryoshka_clip", backend, image_features.device, n * m * len(dims), image_features.dtype,
                    needs=("prefixes",))

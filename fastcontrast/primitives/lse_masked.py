@@ -398,11 +398,7 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
 def _backward_fake(g_r, g_c, x, y, a, c, normalize, keep, row_ids, col_ids, exclude_same, guide_x, guide_y,
                    guide_normalize, thr_r, thr_c, pen_same, pen_other, n_stat, lse_r, lse_c, kernel, acc_out=False,
                    backend=""):
-    if acc_out:
-        acc = T.acc_dtype(x)
-        return (torch.empty_like(x, dtype=acc), torch.empty_like(y, dtype=acc), torch.empty_like(a, dtype=acc),
-                torch.empty_like(c, dtype=acc))
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(c)
+    return T.empty_grads(x, y, a, c, acc_out)
 
 
 LSE_MASKED_OP = ("the fused masked log-sum-exp fastcontrast::lse_masked (lse_rows, clip_loss with text_negatives, "

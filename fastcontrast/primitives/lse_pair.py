@@ -261,11 +261,7 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
 
 
 def _backward_fake(g_r, g_c, x, y, a, c, bias, lse_r, lse_c, normalize, tokens, kernel, acc_out=False):
-    if acc_out:
-        acc = T.acc_dtype(x)
-        return (torch.empty_like(x, dtype=acc), torch.empty_like(y, dtype=acc), torch.empty_like(a, dtype=acc),
-                torch.empty_like(c, dtype=acc))
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(c)
+    return T.empty_grads(x, y, a, c, acc_out)
 
 
 # Double backward: lse_pair's backward is a fused kernel (or the PyTorch tiles, recomputing P and Q from the saved

@@ -106,6 +106,15 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def empty_grads(x: Tensor, y: Tensor, a: Tensor, c: Tensor, acc_out: bool = False):
+    """The fake (meta) outputs of a pairwise backward: (dx, dy, da, dc) like the inputs, or all in the
+    accumulation dtype (``acc_out``: for a caller that sums them over blocks)."""
+    if acc_out:
+        acc = acc_dtype(x)
+        return tuple(torch.empty_like(t, dtype=acc) for t in (x, y, a, c))
+    return tuple(torch.empty_like(t) for t in (x, y, a, c))
+
+
 def slab_dtype(xh: Tensor) -> torch.dtype:
     """dtype of the W slab the fill callbacks write: the GEMM operand dtype, except for 16-bit operands on the
     CPU, where no GEMM has an fp32 output (aten::mm.dtype is CUDA-only): there the slab and the operands are fp32,
