@@ -40,7 +40,7 @@ def test_each_workload_is_built_where_it_runs():
 
 
 def test_step_compile_counts_share_one_cache():
-    launches = [_rec("_lse_fwd_kernel", "validate/bf16"), _rec("_lse_fwd_kernel", "bench/clip/bf16/grad")]
+    launches = [_rec("_lse_fwd_kernel", "validate/bf16"), _rec("_lse_fwd_kernel", "bench/clip_loss/bf16/grad")]
     counts = step_compiles(launches, ["validate", "ab", "bench", "resources"])
     # validate builds the default variant; the A/B the other three configs (the same launch here); bench and
     # resources only what is cached

@@ -14,10 +14,10 @@ from .build import DEVICE_ARCH, HIDDEN, _merge
 # The Triton kernels each step of benchmarks/gpu_session.sh launches on the device (sm_90): the capture's tags
 # ("workload/detail" prefixes) and which launch-table variants run them ("all": the A/B; "ran": the one in effect).
 SESSION_STEPS = {
-    "validate": (("validate/",), "ran"),
-    "ab": (("bench/clip/bf16/grad", "bench/siglip/bf16/grad"), "all"),
-    "bench": (("bench/clip/bf16/grad", "bench/siglip/bf16/grad"), "ran"),
-    "resources": (("validate/",), "ran"),
+    "validate": (("validate/fp32", "validate/bf16"), "ran"),  # the session validates fp32 and bf16
+    "ab": (("bench/clip_loss/bf16/grad", "bench/siglip_loss/bf16/grad"), "all"),  # the session's --ops
+    "bench": (("bench/clip_loss/bf16/grad", "bench/siglip_loss/bf16/grad"), "ran"),
+    "resources": (("validate/fp32", "validate/bf16"), "ran"),
     "tests": (("tests/",), "ran"),
 }
 _ESTIMATE = re.compile(r"^# estimate (\w+): (\d+) Triton compiles x ([\d.]+)-([\d.]+) s \+ (\d+) s"
