@@ -112,11 +112,13 @@ def infonce_masked_reference(x, y, scale, labels=None, normalize=False, negative
         gkeys = guide[1] if guide[2] is None else torch.cat([guide[1], guide[2]])
         gs = _unit(guide[0], gacc) @ _unit(gkeys, gacc).T
         gp = gs[rows, p]
-        gp_col = torch.stack([gp[p == j].max() if bool((p == j).any()) else gp.new_tensor(float("nan"))
-                              for j in range(m)])
+        # column j's positive guide score: the largest over the rows whose positive it is (none: no threshold);
+        # an N×M selection, no host read
+        sel = p[:, None] == torch.arange(m, device=x.device)[None, :]
+        gp_col = torch.where(sel, gp[:, None], float("-inf")).amax(dim=0)
+        has = sel.any(dim=0)
         thr = (lambda v: v - margin) if strategy == "absolute" else (lambda v: v - v.abs() * margin)
         drop_r = drop_r | (gs > thr(gp)[:, None])
-        has = ~torch.isnan(gp_col)
         drop_c[:, :m] = drop_c[:, :m] | ((gs[:, :m] > thr(gp_col)[None, :]) & has[None, :])
     drop_r, drop_c = drop_r & ~positive, drop_c & ~positive
     row = torch.logsumexp(logits.masked_fill(drop_r, float("-inf")), dim=1) - logits[rows, p]
