@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh wheels
 # Dry run of the whole flow on a CPU (interpreter, tiny sizes; CI runs it under Triton 3.6.0, the device's):
 #   FASTCONTRAST_GPU_DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_session.sh
-# STEPS picks steps: validate ab bench resources tests crossover build cute tune profile. The call exits 1, after
+# STEPS picks steps: validate ab bench resources tests embed crossover build cute tune profile. The call exits 1, after
 # writing every file, when a step failed (exit status not 0, timed out, or unknown).
 #
 # Time on a fresh H100/H200 (nothing cached), estimated per step: Triton compiles x 0.6-1.2 s each (the issue's
@@ -34,8 +34,12 @@
 # estimate resources: 0 Triton compiles x 0.6-1.2 s + 12 s = 12-12 s (limit 30 s)
 # Default steps: 8 + 85 + 48 + 84 + 12 = 237 s at most (177 s at least): a rerun fits the 15 minutes with the
 # machine's start. Not default (run with STEPS=...):
-# estimate tests: 205 Triton compiles x 0.6-1.2 s + 40 s = 163-286 s (limit 345 s)
-T_validate=105; T_ab=60; T_bench=110; T_resources=30; T_tests=345
+# estimate tests: 217 Triton compiles x 0.6-1.2 s + 40 s = 170-300 s (limit 360 s)
+# embed (sentence-transformers' losses as the patch computes them: MNRL with 1 hard negative = ce_rows on N x 2N,
+# and MatryoshkaLoss(MNRL) at d, d/2 .. d/16 in one fused call; against the float32 reference, the separate
+# materialised losses the package computes; 4k/16k/64k, ~10 s of calls + ~10 s of inputs + the start):
+# estimate embed: 4 Triton compiles x 0.6-1.2 s + 30 s = 32-35 s (limit 60 s)
+T_validate=105; T_ab=60; T_bench=110; T_resources=30; T_tests=360; T_embed=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "wheels" ]; then  # here, with a registry: the baselines' wheels for the device's Python 3.12
@@ -118,6 +122,9 @@ for s in $STEPS; do
     resources) step resources $T_resources "$OUT/resources.md" $PY benchmarks/kernel_resources.py --size $VSIZE ;;
     tests) step tests $T_tests "$OUT/pytest.log" $PY -m pytest -q -x -p no:cacheprovider tests/test_infonce_kernels.py \
              tests/test_siglip.py tests/test_margin_kernels.py tests/test_triton_variants.py tests/test_deterministic.py ;;
+    embed) step embed $T_embed "$OUT/session.embed.txt" $PY -m fastcontrast.bench --ops ce_rows,matryoshka_ce_rows \
+             --sizes $SIZES --dim $DIM --dtype $DTYPE --device $DEV --reps $REPS --explain-missing \
+             --stream-csv "$OUT/embed.csv" --no-progress --impls "fastcontrast[triton],reference fp32 (eager)" ;;
     crossover) step crossover 60 "$OUT/session.crossover.txt" $PY benchmarks/overhead_and_crossover.py --device $DEV \
                  --sizes 1024,2048,4096,8192,16384 ;;
     build) step build 300 "$OUT/session.build.txt" env FASTCONTRAST_JIT=1 $PY -c "from fastcontrast import _ext; \

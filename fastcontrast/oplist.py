@@ -273,6 +273,24 @@ def _b_distill(g, dev, dt, n, d):  # open_clip's --distill: student features and
                 teacher_logit_scale=torch.tensor(100.0, device=dev))
 
 
+def _b_mnrl(g, dev, dt, n, d):  # sentence-transformers' MNRL: N queries against N positives + 1 hard negative each
+    return {"a": _feat(g, dev, dt, n, d), "b": _feat(g, dev, dt, 2 * n, d), "logit_scale": _scalar(dev, 20.0),
+            "labels": torch.arange(n, device=dev)}
+
+
+def _b_matryoshka(g, dev, dt, n, d):  # MatryoshkaLoss(MNRL): the same, at d, d/2, ..., d/16
+    return {"queries": _feat(g, dev, dt, n, d), "keys": _feat(g, dev, dt, 2 * n, d), "logit_scale": _scalar(dev, 20.0),
+            "labels": torch.arange(n, device=dev), "dims": tuple(d >> i for i in range(5) if d >> i >= 1)}
+
+
+def _mnrl_flops(n, d):  # the N×2N products once and a GEMM per feature gradient: 3 units of 2·N·2N·d
+    return 12 * n * n * d
+
+
+def _mnrl_bytes(n, d, elt):  # N + 2N rows read, their gradients written
+    return 6 * n * d * elt
+
+
 # ------------------------------------------------------------------------------------------ FLOP / byte floors
 def _codebook_flops(n, d):  # two sides × (scores + 2 grad GEMMs) + two teacher score matrices
     return 2 * 6 * n * _codes(n) * d + 2 * 2 * n * _codes(n) * d
@@ -309,7 +327,10 @@ OPS: Tuple[OpInfo, ...] = (
     OpInfo("max_margin_loss(hardest)", Fn.max_margin_loss, "max_margin", _margin, {"margin": 0.3,
                                                                                   "hardest": True}),
     OpInfo("max_margin_loss(sum)", Fn.max_margin_loss, "max_margin", _margin, {"margin": 0.3, "reduction": "sum"}),
-    OpInfo("ce_rows", Fn.ce_rows, "ce_rows", _ce_rows, {"logit_bias": 0.5}),
+    # bench_make: sentence-transformers' MNRL (one direction, 1 hard negative per query); timed by the GPU
+    # session's "embed" step, not by default
+    OpInfo("ce_rows", Fn.ce_rows, "ce_rows", _ce_rows, {"logit_bias": 0.5}, bench_make=_b_mnrl, flops=_mnrl_flops,
+           bytes=_mnrl_bytes),
     OpInfo("clip_loss(text_negatives)", Fn.clip_loss, "infonce_masked", _negatives, {"normalize": True}),
     OpInfo("clip_loss(false_negative_ids,guide)", Fn.clip_loss, "infonce_masked", _masked_clip,
            {"normalize": True, "guide_margin": 0.1}),
@@ -327,7 +348,8 @@ OPS: Tuple[OpInfo, ...] = (
            bytes=lambda n, d, elt: 8 * n * d * elt),
     OpInfo("distill_clip_loss", Fn.distill_clip_loss, "distill", _distill, bench=True, bench_make=_b_distill,
            **_DISTILL_FLOPS),
-    OpInfo("matryoshka_ce_rows", Fn.matryoshka_ce_rows, "matryoshka_ce_rows", _matryoshka_ce_rows),
+    OpInfo("matryoshka_ce_rows", Fn.matryoshka_ce_rows, "matryoshka_ce_rows", _matryoshka_ce_rows,
+           bench_make=_b_matryoshka, flops=_mnrl_flops, bytes=_mnrl_bytes),  # the floor of one full-size loss
     OpInfo("matryoshka_clip_loss", Fn.matryoshka_clip_loss, "matryoshka_clip", _matryoshka_clip),
 )
 OP: Dict[str, OpInfo] = {o.name: o for o in OPS}

@@ -19,6 +19,7 @@ SESSION_STEPS = {
     "bench": (("bench/clip_loss/bf16/grad", "bench/siglip_loss/bf16/grad"), "ran"),
     "resources": (("validate/fp32", "validate/bf16"), "ran"),
     "tests": (("tests/",), "ran"),
+    "embed": (("bench/ce_rows/bf16/grad", "bench/matryoshka_ce_rows/bf16/grad"), "ran"),  # sentence-transformers
 }
 _ESTIMATE = re.compile(r"^# estimate (\w+): (\d+) Triton compiles x ([\d.]+)-([\d.]+) s \+ (\d+) s"
                        r"(?: \+ (\d+) Inductor graphs x ([\d.]+)-([\d.]+) s)? = (\d+)-(\d+) s \(limit (\d+) s\)", re.M)

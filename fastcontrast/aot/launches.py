@@ -150,16 +150,17 @@ def _wl_cases(n, m, d, k, dtypes, tag):
 
 
 def _wl_bench(dtypes):
-    """Every op of the bench as the bench runs it (``make_inputs``, backend triton), forward and backward, then
+    """Every op the bench can time (the op list's entries with bench inputs: the default ones and the GPU
+    session's "embed" step's) as the bench runs it (``make_inputs``, backend triton), forward and backward, then
     the no-grad forward."""
     import torch
 
-    from .. import bench
+    from .. import bench, oplist
 
     dev = torch.device("cpu")
     for name in dtypes:
         dt = getattr(torch, _DT[name])
-        for op in bench.OPS:
+        for op in (o.name for o in oplist.OPS if o.bench_make is not None):
             fn = bench.loss_fn(op, "triton")
             for grad in (True, False):
                 inputs = bench.make_inputs(op, 64, 256, dev, dt)
