@@ -67,7 +67,7 @@ def test_readme_has_every_kind_of_block_checked():
 
 
 def test_readme_gives_test_time_and_the_quick_subset():
-    assert "about 16 minutes on 2 CPU cores" in README
+    assert "about 8 minutes on 2 CPU cores" in README
     quick = "bash scripts/dev_env.sh --test && .venv/bin/python -m pytest -q -m quick tests"
     assert quick in README
     pyproject = (ROOT / "pyproject.toml").read_text()
