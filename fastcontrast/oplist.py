@@ -367,6 +367,12 @@ def bench_ops() -> Tuple[str, ...]:
     return tuple(o.name for o in OPS if o.bench)
 
 
+def benchable_ops() -> Tuple[str, ...]:
+    """Every op ``bench`` can time: those with bench inputs (the default ones and, e.g., the GPU session's embed
+    step's)."""
+    return tuple(o.name for o in OPS if o.bench_make is not None)
+
+
 def parse(names: str) -> Tuple[str, ...]:
     """A comma-separated list of op names (commas inside a variant's parentheses belong to the name); each
     checked against the op list."""

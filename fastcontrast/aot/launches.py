@@ -160,7 +160,7 @@ def _wl_bench(dtypes):
     dev = torch.device("cpu")
     for name in dtypes:
         dt = getattr(torch, _DT[name])
-        for op in (o.name for o in oplist.OPS if o.bench_make is not None):
+        for op in oplist.benchable_ops():
             fn = bench.loss_fn(op, "triton")
             for grad in (True, False):
                 inputs = bench.make_inputs(op, 64, 256, dev, dt)

@@ -66,7 +66,7 @@ def _unavailable(reason: str) -> Callable:
 
 
 OPS = oplist.bench_ops()  # the ops bench times by default: the op list's bench entries
-BENCHABLE = tuple(o.name for o in oplist.OPS if o.bench_make is not None)  # every op with bench inputs
+BENCHABLE = oplist.benchable_ops()  # every op with bench inputs
 
 
 # What each fastcontrast implementation name in the tables means (the baselines: IMPLS below).

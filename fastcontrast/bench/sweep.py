@@ -26,10 +26,11 @@ def run(sizes: List[int], dim: int, dtype: torch.dtype, dev: torch.device, out_d
     per phase of a row after which it stops at 3 repetitions. ``variants``: the launch-table A/B instead
     (:func:`ab_run`, ``rounds`` rounds). Rows carry ``failed`` when an implementation raised anything but
     "unavailable here" or out-of-memory."""
-    unknown = [op for op in ops if op not in oplist.OP or oplist.OP[op].bench_make is None]
+    benchable = oplist.benchable_ops()
+    unknown = [op for op in ops if op not in benchable]
     if unknown:
         raise ValueError(f"ops: unknown or without bench inputs {unknown}; the benched ops of fastcontrast.oplist "
-                         f"are {', '.join(o.name for o in oplist.OPS if o.bench_make is not None)}")
+                         f"are {', '.join(benchable)}")
     if variants:
         from .ab import ab_run
 

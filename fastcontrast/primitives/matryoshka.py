@@ -258,11 +258,11 @@ def _sigma(g_r, g_c, a, c, rat_x, rat_y, cols):
 
 def _operands(x, y, ends, normalize, acc):
     """(x in acc, y in acc, x̂, ŷ, then per side (inverse prefix norms, their ratios to the full prefix's, where
-    active) or None) of the backward."""
+    active), Nones without normalize) of the backward."""
     e = ends[-1]
     xa, ya = x.to(acc), y.to(acc)
     if not normalize:
-        return xa, ya, xa[:, :e], ya[:, :e], None, None
+        return xa, ya, xa[:, :e], ya[:, :e], (None,) * 3, (None,) * 3
     (inv_x, act_x), (inv_y, act_y) = _prefix_norms(x, ends), _prefix_norms(y, ends)
     return (xa, ya, xa[:, :e] * inv_x[:, -1:], ya[:, :e] * inv_y[:, -1:], (inv_x, inv_x / inv_x[:, -1:], act_x),
             (inv_y, inv_y / inv_y[:, -1:], act_y))
@@ -291,8 +291,7 @@ def _backward(g_r: Tensor, g_c: Tensor, x: Tensor, y: Tensor, a: Tensor, c: Tens
     _check(ends, x.shape[1], kernel, kernel)
     acc = T.acc_dtype(x)
     (n, d), m, P = x.shape, y.shape[0], len(ends)
-    xa, ya, xh, yh, nx, ny = _operands(x, y, ends, normalize, acc)
-    (inv_x, rat_x, act_x), (inv_y, rat_y, act_y) = (nx, ny) if normalize else ((None,) * 3,) * 2
+    xa, ya, xh, yh, (inv_x, rat_x, act_x), (inv_y, rat_y, act_y) = _operands(x, y, ends, normalize, acc)
     a_, c_, g_r, lse_r, g_c, lse_c = (t.to(acc) for t in (a, c, g_r, lse_r, g_c, lse_c))
     sigma = _sigma(g_r, g_c, a_, c_, rat_x, rat_y, cols)  # on the device: no host read
     da, dc = torch.zeros(n, dtype=acc, device=x.device), torch.zeros(m, dtype=acc, device=x.device)
